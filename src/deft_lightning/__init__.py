@@ -1,0 +1,23 @@
+"""deft-lightning: domain-generalizable segmentation finetuning on PyTorch Lightning + smp."""
+
+from .callbacks import DecoderWarmup, EMACallback, EMAPair
+from .data.datamodule import DatasetSpec, DGSegDataModule
+from .metrics import DomainIoU, iou_per_class, mean_iou
+from .net import SegmentationNet
+from .tasks import JointFinetune, SegmentationTask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DGSegDataModule",
+    "DatasetSpec",
+    "DecoderWarmup",
+    "DomainIoU",
+    "EMACallback",
+    "EMAPair",
+    "JointFinetune",
+    "SegmentationNet",
+    "SegmentationTask",
+    "iou_per_class",
+    "mean_iou",
+]

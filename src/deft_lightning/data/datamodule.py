@@ -1,0 +1,221 @@
+"""DGSegDataModule: one source training set, N named target sets for validation and test.
+
+With no dataset configured it serves the embedded synthetic domains: training on
+``synthetic_source``, a held-out split of the same domain (model selection on source data,
+the safe default), and every other synthetic domain as a named target. Real datasets are
+named by ``DatasetSpec`` entries (see docs/datasets.md).
+
+Evaluation dataloaders come one per domain, in ``eval_domains`` order, so a task maps
+dataloader index -> domain. Under DDP each evaluation set is split across ranks without
+padding or repeats (Lightning's ``UnrepeatedDistributedSampler``), so the summed confusion
+matrices are exactly those of a single process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.fabric.utilities.seed import pl_worker_init_function
+from torch.utils.data import DataLoader, Dataset
+
+from .datasets import build_dataset
+from .synthetic import DOMAINS, SOURCE_DOMAIN, SyntheticDomainDataset
+from .transforms import train_transform
+
+#: The source domain's held-out synthetic images start at this index (training uses 0..N-1).
+SYNTHETIC_VAL_FIRST_INDEX = 1_000_000
+
+
+@dataclass
+class DatasetSpec:
+    """A dataset on disk: registry ``name`` (cityscapes, gtav, bdd100k, mapillary, synthia,
+    acdc, folder), its ``root`` folder, ``split``, the ``domain`` name used in metric keys
+    (default: ``name``), and dataset-specific ``options``."""
+
+    name: str
+    root: str
+    split: str = "train"
+    domain: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def domain_name(self) -> str:
+        return self.domain or self.name
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Lightning's worker seeding, plus albumentations' own generator (it ignores global seeds)."""
+    pl_worker_init_function(worker_id)
+    transform = getattr(torch.utils.data.get_worker_info().dataset, "transform", None)
+    if transform is not None and hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
+class DGSegDataModule(LightningDataModule):
+    """Source train set + named target evaluation sets.
+
+    Args:
+        source: training dataset; ``None`` uses the synthetic ``synthetic_source`` domain.
+        source_val: held-out source split for model selection (synthetic: automatic).
+        targets: target evaluation datasets; ``None`` uses the other synthetic domains.
+        synthetic_source, synthetic_targets: synthetic domain names (targets default to all
+            other domains).
+        synthetic_train_size, synthetic_val_size: images per synthetic split.
+        synthetic_image_size: (height, width) of synthetic images.
+        seed: seed of the synthetic data (image ``i`` of domain ``d`` is a function of
+            ``(seed, d, i)``) and of the augmentation generator.
+        batch_size, eval_batch_size, num_workers: dataloader settings.
+        crop_size, scale_range, hflip_p, color_jitter, color_jitter_p, blur_p: training
+            augmentation (see :func:`~deft_lightning.data.transforms.train_transform`);
+            ``augment=False`` turns it off.
+        predict_root: a folder of images to predict on; ``None`` predicts on the first
+            ``predict_per_domain`` images of every evaluation domain.
+    """
+
+    def __init__(
+        self,
+        source: DatasetSpec | None = None,
+        source_val: DatasetSpec | None = None,
+        targets: list[DatasetSpec] | None = None,
+        synthetic_source: str = SOURCE_DOMAIN,
+        synthetic_targets: list[str] | None = None,
+        synthetic_train_size: int = 2000,
+        synthetic_val_size: int = 64,
+        synthetic_image_size: tuple[int, int] = (128, 256),
+        seed: int = 0,
+        batch_size: int = 8,
+        eval_batch_size: int = 8,
+        num_workers: int = 0,
+        augment: bool = True,
+        crop_size: tuple[int, int] = (128, 256),
+        scale_range: tuple[float, float] = (0.75, 1.5),
+        hflip_p: float = 0.5,
+        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+        color_jitter_p: float = 0.5,
+        blur_p: float = 0.5,
+        shuffle: bool = True,
+        predict_root: str | None = None,
+        predict_per_domain: int = 4,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        unknown = [d for d in [synthetic_source, *(synthetic_targets or [])] if d not in DOMAINS]
+        if unknown:
+            raise ValueError(f"unknown synthetic domain(s) {unknown}; known: {list(DOMAINS)}")
+        self.train_set: Dataset | None = None
+        self.eval_sets: dict[str, Dataset] = {}
+        self.predict_sets: list[Dataset] = []
+
+    # ---- domains -----------------------------------------------------------------------
+    @property
+    def uses_synthetic_source(self) -> bool:
+        return self.hparams.source is None
+
+    @property
+    def source_val_domain(self) -> str | None:
+        hp = self.hparams
+        if hp.source_val is not None:
+            return hp.source_val.domain_name
+        return hp.synthetic_source if self.uses_synthetic_source else None
+
+    @property
+    def target_domains(self) -> list[str]:
+        hp = self.hparams
+        if hp.targets is not None:
+            return [spec.domain_name for spec in hp.targets]
+        if hp.synthetic_targets is not None:
+            return list(hp.synthetic_targets)
+        return [d for d in DOMAINS if d != hp.synthetic_source]
+
+    @property
+    def eval_domains(self) -> list[str]:
+        source = self.source_val_domain
+        return ([source] if source else []) + self.target_domains
+
+    # ---- datasets ----------------------------------------------------------------------
+    def _synthetic(self, domain: str, length: int, first_index: int = 0, transform=None) -> Dataset:
+        hp = self.hparams
+        return SyntheticDomainDataset(domain, length, seed=hp.seed, size=tuple(hp.synthetic_image_size),
+                                      first_index=first_index, transform=transform)
+
+    @staticmethod
+    def _from_spec(spec: DatasetSpec, transform=None) -> Dataset:
+        return build_dataset(spec.name, spec.root, spec.split, domain=spec.domain_name,
+                             transform=transform, **spec.options)
+
+    def _train_transform(self):
+        hp = self.hparams
+        if not hp.augment:
+            return None
+        transform = train_transform(tuple(hp.crop_size), tuple(hp.scale_range), hp.hflip_p,
+                                    tuple(hp.color_jitter), hp.color_jitter_p, hp.blur_p)
+        transform.set_random_seed(hp.seed)
+        return transform
+
+    def _build_eval_sets(self) -> dict[str, Dataset]:
+        hp = self.hparams
+        sets: dict[str, Dataset] = {}
+        if hp.source_val is not None:
+            sets[hp.source_val.domain_name] = self._from_spec(hp.source_val)
+        elif self.uses_synthetic_source:
+            sets[hp.synthetic_source] = self._synthetic(hp.synthetic_source, hp.synthetic_val_size,
+                                                        SYNTHETIC_VAL_FIRST_INDEX)
+        if hp.targets is not None:
+            for spec in hp.targets:
+                sets[spec.domain_name] = self._from_spec(spec)
+        else:
+            for domain in self.target_domains:
+                sets[domain] = self._synthetic(domain, hp.synthetic_val_size, SYNTHETIC_VAL_FIRST_INDEX)
+        if len(sets) != len(self.eval_domains):
+            raise ValueError(f"evaluation domain names must be unique, got {self.eval_domains}")
+        return sets
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        if stage == "fit" and self.train_set is None:
+            transform = self._train_transform()
+            self.train_set = (self._synthetic(hp.synthetic_source, hp.synthetic_train_size, 0, transform)
+                              if self.uses_synthetic_source else self._from_spec(hp.source, transform))
+        if stage in ("fit", "validate", "test") and not self.eval_sets:
+            self.eval_sets = self._build_eval_sets()
+        if stage == "predict" and not self.predict_sets:
+            if hp.predict_root is not None:
+                self.predict_sets = [build_dataset("folder", hp.predict_root, "", domain="predict")]
+            else:
+                eval_sets = self.eval_sets or self._build_eval_sets()
+                count = hp.predict_per_domain
+                self.predict_sets = [torch.utils.data.Subset(ds, range(min(count, len(ds))))
+                                     for ds in eval_sets.values()]
+
+    # ---- dataloaders -------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        if len(self.train_set) < hp.batch_size:
+            raise ValueError(f"the training set has {len(self.train_set)} images, fewer than "
+                             f"batch_size={hp.batch_size}")
+        return DataLoader(self.train_set, batch_size=hp.batch_size, shuffle=hp.shuffle, drop_last=True,
+                          num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
+                          worker_init_fn=_seed_worker if hp.num_workers > 0 else None)
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        hp = self.hparams
+        sampler = None
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
+                                                   rank=trainer.global_rank, shuffle=False)
+        return DataLoader(dataset, batch_size=hp.eval_batch_size, sampler=sampler, shuffle=False,
+                          num_workers=hp.num_workers)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._eval_loader(self.eval_sets[domain]) for domain in self.eval_domains]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return [self._eval_loader(dataset) for dataset in self.predict_sets]

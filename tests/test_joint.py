@@ -1,0 +1,113 @@
+"""JointFinetune with its EMA and warm-up callbacks, on tiny synthetic data."""
+
+import copy
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from conftest import trainer_kwargs
+from deft_lightning import DGSegDataModule, EMACallback, JointFinetune
+
+
+class RecordAfterStep(Callback):
+    """Snapshots of the net's state after every optimizer step (runs before the EMA callback)."""
+
+    def __init__(self):
+        self.states = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.states.append({k: v.detach().clone() for k, v in pl_module.net.state_dict().items()})
+
+
+def fit(task, data_kwargs, tmp_path, max_steps, callbacks=(), ckpt_path=None):
+    checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=max_steps, callbacks=list(callbacks),
+                                       enable_checkpointing=checkpointing))
+    trainer.fit(task, DGSegDataModule(**data_kwargs), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_ema_equals_beta_recurrence(tmp_path, tiny_net_kwargs, tiny_data_kwargs):
+    beta, steps = 0.8, 3
+    task = JointFinetune(**tiny_net_kwargs, ema_beta=beta, weight_decay=1e-3)
+    ema = {k: v.clone().double() for k, v in task.net.state_dict().items()}
+    recorder = RecordAfterStep()
+    fit(task, tiny_data_kwargs, tmp_path, steps, [recorder])
+    assert len(recorder.states) == steps
+    for state in recorder.states:  # ema_t = β ema_{t-1} + (1 − β) θ_t
+        for key, value in state.items():
+            ema[key] = beta * ema[key] + (1 - beta) * value.double() if value.is_floating_point() else value.double()
+    result = task.ema_net.state_dict()
+    for key, expected in ema.items():
+        torch.testing.assert_close(result[key].double(), expected, rtol=1e-5, atol=1e-6, msg=key)
+    # The net itself moved away from the EMA, and evaluation uses the EMA net.
+    assert task.inference_net() is task.ema_net
+    key = next(k for k in ema if "weight" in k)
+    assert not torch.equal(task.net.state_dict()[key], result[key])
+
+
+def test_ema_state_survives_checkpoint_and_resume(tmp_path, tiny_net_kwargs, tiny_data_kwargs):
+    """Interrupted at step 2 and resumed to 4 == uninterrupted 4 steps, bit for bit."""
+    torch.manual_seed(0)
+    kwargs = dict(**tiny_net_kwargs, ema_beta=0.7, weight_decay=1e-3)
+    full = JointFinetune(**kwargs)
+    start = copy.deepcopy(full.state_dict())
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    fit(full, tiny_data_kwargs, tmp_path / "a", 4, [checkpoints])
+    first_half = sorted((tmp_path / "ckpt").glob("*step=2*.ckpt"))
+    assert first_half, list((tmp_path / "ckpt").iterdir())
+    saved = torch.load(first_half[0], weights_only=False)
+    ema_states = [v for k, v in saved["callbacks"].items() if k.startswith("EMACallback")]
+    assert ema_states == [{"num_updates": 2}]
+
+    resumed = JointFinetune(**kwargs)
+    resumed.load_state_dict(start)  # irrelevant after resume, but makes the start equal
+    fit(resumed, tiny_data_kwargs, tmp_path / "b", 4, ckpt_path=first_half[0])
+    ema_callback = next(c for c in resumed.trainer.callbacks if isinstance(c, EMACallback))
+    assert ema_callback.num_updates == 4
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("frozen_bn", ["train", "eval"])
+def test_warmup_freezes_encoder_and_trains_decoder(tmp_path, tiny_net_kwargs, tiny_data_kwargs, frozen_bn):
+    task = JointFinetune(**tiny_net_kwargs, warmup_steps=2, warmup_frozen_bn=frozen_bn, weight_decay=1e-2)
+    start = {k: v.clone() for k, v in task.net.state_dict().items()}
+    recorder = RecordAfterStep()
+    fit(task, tiny_data_kwargs, tmp_path, 3, [recorder])
+
+    def changed(state, prefix, kind):
+        names = dict(task.net.named_parameters()) if kind == "param" else dict(task.net.named_buffers())
+        keys = [k for k in names if k.startswith(prefix) and state[k].is_floating_point()]
+        return any(not torch.equal(state[k], start[k]) for k in keys)
+
+    for state in recorder.states[:2]:  # warm-up steps
+        assert not changed(state, "encoder.", "param")
+        assert changed(state, "decoder.", "param")
+        assert changed(state, "encoder.", "buffer") == (frozen_bn == "train")
+    assert changed(recorder.states[2], "encoder.", "param")  # released after warm-up
+
+
+def test_param_groups_carry_their_own_lr_and_weight_decay(tiny_net_kwargs):
+    task = JointFinetune(**tiny_net_kwargs, lr=0.1, decoder_lr=0.5, weight_decay=1e-4,
+                         decoder_weight_decay=1e-3, schedule_steps=10)
+    optimizer = task.configure_optimizers()["optimizer"]
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert (groups["encoder"]["lr"], groups["encoder"]["weight_decay"]) == (0.1, 1e-4)
+    assert (groups["decoder"]["lr"], groups["decoder"]["weight_decay"]) == (0.5, 1e-3)
+    encoder_ids = {id(p) for p in task.net.encoder.parameters()}
+    assert {id(p) for p in groups["encoder"]["params"]} == encoder_ids
+    assert len(groups["decoder"]["params"]) == len(list(task.net.decoder.parameters()))
+
+
+def test_poly_schedule_is_stepped_per_iteration(tiny_net_kwargs):
+    task = JointFinetune(**tiny_net_kwargs, lr=1.0, poly_power=0.9, schedule_steps=10)
+    config = task.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx((1 - 4 / 10) ** 0.9)
