@@ -1,0 +1,500 @@
+"""The real-world datasets of the domain-generalization benchmarks, read from their own folders.
+
+Every dataset here is a :class:`SegmentationDataset`: a list of (image path, label path)
+pairs, a domain name, an optional albumentations transform, and an id lookup table that maps
+the dataset's own label ids to the 19 Cityscapes train ids (``None`` when the labels already
+hold train ids; those are then checked with :func:`~deft_lightning.data.sample.check_mask_ids`).
+Items are samples in the library's one format (see :mod:`deft_lightning.data.sample`).
+
+Each concrete dataset only lists its files for a ``root`` and ``split``; errors name the file
+or folder at fault and, for a missing folder, the layout that was expected. ``DATASETS`` and
+:func:`build_dataset` let a config name a dataset. The folder layouts are in ``docs/datasets.md``.
+
+Images are decoded with OpenCV (converted to RGB); label images with Pillow, which keeps the
+class indices of palette PNGs (GTAV, Mapillary) where OpenCV would expand them to colours.
+SYNTHIA's 16-bit labels are the exception, read with OpenCV (see :class:`SynthiaDataset`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .labels import (
+    CITYSCAPES_ID_TO_TRAIN_ID,
+    IGNORE_INDEX,
+    MAPILLARY_ID_TO_TRAIN_ID,
+    SYNTHIA_ID_TO_TRAIN_ID,
+    lookup_table,
+)
+from .sample import Transform, check_mask_ids, make_sample
+
+ImageLabelPair = tuple[Path, Path | None]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+LABEL_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
+ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
+
+
+def read_image(path: Path) -> np.ndarray:
+    """The uint8 RGB (H, W, 3) image at ``path``; ``OSError`` naming it if it cannot be decoded."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise OSError(f"{path}: cannot decode image (missing, corrupt or unsupported format)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_label(path: Path) -> np.ndarray:
+    """The (H, W) array of ids in the single-channel (grey or palette) label image at ``path``."""
+    try:
+        with Image.open(path) as label:
+            ids = np.asarray(label)
+    except OSError as error:
+        raise OSError(f"{path}: cannot decode label image ({error})") from error
+    if ids.ndim != 2:
+        raise ValueError(
+            f"{path}: expected a single-channel label image of class ids, got shape {ids.shape} "
+            "(a colour-coded label image?)"
+        )
+    return ids
+
+
+def resize_and_center_crop(
+    image: np.ndarray, mask: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resize to height ``size`` keeping the aspect ratio (bicubic image, nearest mask), then
+    centre-crop or centre-pad the width to ``size``: padding is 0 (black) in the image and
+    255 (ignore) in the mask."""
+    height, width = image.shape[:2]
+    new_width = max(1, round(width * size / height))
+    image = cv2.resize(image, (new_width, size), interpolation=cv2.INTER_CUBIC)
+    mask = cv2.resize(mask, (new_width, size), interpolation=cv2.INTER_NEAREST)
+    if new_width >= size:
+        left = (new_width - size) // 2
+        return image[:, left : left + size], mask[:, left : left + size]
+    left = (size - new_width) // 2
+    right = size - new_width - left
+    image = np.pad(image, ((0, 0), (left, right), (0, 0)), constant_values=0)
+    mask = np.pad(mask, ((0, 0), (left, right)), constant_values=IGNORE_INDEX)
+    return image, mask
+
+
+class SegmentationDataset(Dataset):
+    """Image/label file pairs -> samples (``image``, ``mask``, ``domain``, ``name``).
+
+    Args:
+        pairs: (image path, label path) pairs; a ``None`` label path yields an all-ignore mask.
+        domain: the domain name every sample carries (per-domain metrics key on it).
+        transform: albumentations transform applied to the uint8 image and train-id mask.
+        id_table: lookup table from the label files' ids to train ids (see
+            :func:`~deft_lightning.data.labels.lookup_table`); ``None`` when the label files
+            already hold train ids, which are then validated.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[ImageLabelPair],
+        domain: str,
+        transform: Transform | None = None,
+        id_table: np.ndarray | None = None,
+    ) -> None:
+        self.pairs = [
+            (Path(image), None if label is None else Path(label)) for image, label in pairs
+        ]
+        self.domain = domain
+        self.transform = transform
+        self.id_table = id_table
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        image, mask = self.load(index)
+        return make_sample(image, mask, self.domain, self.pairs[index][0].stem, self.transform)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The uint8 RGB image and uint8 train-id mask (``None`` if unlabelled) of pair ``index``,
+        before the transform."""
+        image_path, label_path = self.pairs[index]
+        image = read_image(image_path)
+        if label_path is None:
+            return image, None
+        mask = self.to_train_ids(self.read_ids(label_path), label_path)
+        if mask.shape != image.shape[:2]:
+            raise ValueError(
+                f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its label "
+                f"{label_path} is {mask.shape[1]}x{mask.shape[0]} (width x height)"
+            )
+        return image, mask
+
+    def read_ids(self, path: Path) -> np.ndarray:
+        """The raw (H, W) ids of the label file at ``path``."""
+        return read_label(path)
+
+    def to_train_ids(self, ids: np.ndarray, path: Path) -> np.ndarray:
+        """Map ``ids`` read from ``path`` to uint8 train ids (or validate them as train ids)."""
+        if self.id_table is None:
+            check_mask_ids(ids, str(path))
+            return ids.astype(np.uint8)
+        if ids.size and int(ids.max()) >= self.id_table.size:
+            raise ValueError(
+                f"{path}: label id {int(ids.max())} exceeds the id map of this dataset "
+                f"(ids 0..{self.id_table.size - 1})"
+            )
+        return self.id_table[ids]
+
+
+def _require_dir(path: Path, layout: str) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"folder not found: {path}\nexpected layout: {layout}")
+    return path
+
+
+def _list_files(folder: Path, pattern: str, layout: str) -> list[Path]:
+    files = sorted(folder.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no files match {folder / pattern}\nexpected layout: {layout}")
+    return files
+
+
+def _with_labels(images: Sequence[Path], label_for, layout: str) -> list[ImageLabelPair]:
+    """Pair every image with ``label_for(image)``; an image whose label is missing is an error."""
+    pairs = [(image, label_for(image)) for image in images]
+    for image, label in pairs:
+        if not label.is_file():
+            raise FileNotFoundError(
+                f"no label for image {image}: expected {label}\nexpected layout: {layout}"
+            )
+    return pairs
+
+
+def _images_in_split(
+    root: Path, image_dir: Path, split: str, split_file: str | None, layout: str
+) -> list[Path]:
+    """Every ``*.png`` in ``image_dir`` for ``split="all"``, else the images named one a line
+    (extension optional) in ``split_file``, default ``<root>/<split>.txt``."""
+    if split == "all":
+        return _list_files(image_dir, "*.png", layout)
+    list_path = Path(split_file) if split_file is not None else root / f"{split}.txt"
+    if not list_path.is_file():
+        raise FileNotFoundError(
+            f"split list not found: {list_path} (a text file of image names, one a line; "
+            "use split='all' for every image)"
+        )
+    lines = [line.strip() for line in list_path.read_text().splitlines()]
+    images = [image_dir / f"{Path(line).stem}.png" for line in lines if line]
+    if not images:
+        raise ValueError(f"split list {list_path} names no images")
+    missing = [str(image) for image in images if not image.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} images named in the split list {list_path} are missing, "
+            f"e.g. {missing[:3]}"
+        )
+    return images
+
+
+def _same_size(image: Path, label: Path) -> bool:
+    """Whether two image files have the same size, from their headers only."""
+    sizes = []
+    for path in (image, label):
+        try:
+            with Image.open(path) as opened:
+                sizes.append(opened.size)
+        except OSError as error:
+            raise OSError(f"{path}: cannot decode image header ({error})") from error
+    return sizes[0] == sizes[1]
+
+
+class CityscapesDataset(SegmentationDataset):
+    """Cityscapes (gtFine): label ids -> train ids. ``split``: train, val or test."""
+
+    layout = (
+        "<root>/leftImg8bit/<split>/<city>/*_leftImg8bit.png and "
+        "<root>/gtFine/<split>/<city>/*_gtFine_labelIds.png"
+    )
+
+    def __init__(
+        self, root: str, split: str, domain: str | None = None, transform: Transform | None = None
+    ) -> None:
+        root_dir = _require_dir(Path(root), self.layout)
+        image_dir = _require_dir(root_dir / "leftImg8bit" / split, self.layout)
+        label_dir = _require_dir(root_dir / "gtFine" / split, self.layout)
+        images = _list_files(image_dir, "*/*_leftImg8bit.png", self.layout)
+
+        def label_for(image: Path) -> Path:
+            stem = image.name.removesuffix("_leftImg8bit.png")
+            return label_dir / image.parent.name / f"{stem}_gtFine_labelIds.png"
+
+        super().__init__(
+            _with_labels(images, label_for, self.layout),
+            domain or "cityscapes",
+            transform,
+            lookup_table(CITYSCAPES_ID_TO_TRAIN_ID),
+        )
+
+
+class GTAVDataset(SegmentationDataset):
+    """GTAV (Playing for Data): Cityscapes label ids -> train ids.
+
+    ``split="all"`` takes every image; any other split reads its image names from
+    ``split_file`` (default ``<root>/<split>.txt``, one name a line, extension optional).
+    Pairs whose image and label sizes differ are skipped with a warning, as RobustNet does
+    (their headers are read once at construction).
+    """
+
+    layout = "<root>/images/*.png and <root>/labels/*.png (same names), optional <root>/<split>.txt"
+
+    def __init__(
+        self,
+        root: str,
+        split: str,
+        domain: str | None = None,
+        transform: Transform | None = None,
+        split_file: str | None = None,
+    ) -> None:
+        root_dir = _require_dir(Path(root), self.layout)
+        image_dir = _require_dir(root_dir / "images", self.layout)
+        label_dir = _require_dir(root_dir / "labels", self.layout)
+        images = _images_in_split(root_dir, image_dir, split, split_file, self.layout)
+        pairs = _with_labels(images, lambda image: label_dir / image.name, self.layout)
+        same_size = [_same_size(image, label) for image, label in pairs]
+        kept = [pair for pair, same in zip(pairs, same_size) if same]
+        skipped = [image.name for (image, _), same in zip(pairs, same_size) if not same]
+        if skipped:
+            warnings.warn(
+                f"GTAV: skipped {len(skipped)} of {len(pairs)} image/label pairs whose sizes "
+                f"differ, e.g. {skipped[:5]}",
+                stacklevel=2,
+            )
+        super().__init__(kept, domain or "gtav", transform, lookup_table(CITYSCAPES_ID_TO_TRAIN_ID))
+
+
+class BDD100KDataset(SegmentationDataset):
+    """BDD100K 10k semantic segmentation, labels already in train ids (validated).
+
+    Accepts the official layout and the DG authors' copy; ``split``: train or val.
+    """
+
+    layout = (
+        "<root>/images/10k/<split>/*.jpg and <root>/labels/sem_seg/masks/<split>/*.png (official), "
+        "or <root>/images/<split>/*.jpg and <root>/labels/<split>/*_train_id.png (authors' copy)"
+    )
+
+    def __init__(
+        self, root: str, split: str, domain: str | None = None, transform: Transform | None = None
+    ) -> None:
+        root_dir = _require_dir(Path(root), self.layout)
+        if (root_dir / "images" / "10k").is_dir():
+            image_dir = _require_dir(root_dir / "images" / "10k" / split, self.layout)
+            label_dir = _require_dir(root_dir / "labels" / "sem_seg" / "masks" / split, self.layout)
+            label_name = "{}.png"
+        else:
+            image_dir = _require_dir(root_dir / "images" / split, self.layout)
+            label_dir = _require_dir(root_dir / "labels" / split, self.layout)
+            label_name = "{}_train_id.png"
+        images = _list_files(image_dir, "*.jpg", self.layout)
+        pairs = _with_labels(
+            images, lambda image: label_dir / label_name.format(image.stem), self.layout
+        )
+        super().__init__(pairs, domain or "bdd100k", transform)
+
+
+class MapillaryDataset(SegmentationDataset):
+    """Mapillary Vistas v1.2 (66 classes): Vistas ids -> train ids.
+
+    ``split``: training or validation (train and val also accepted). Each sample is resized
+    to height ``size`` (bicubic image, nearest labels) and centre-cropped or padded to
+    ``size`` x ``size``, padding the image with 0 and the labels with 255 (ignore; the
+    authors' code pads labels with 0 = road). ``size=None`` keeps the native resolution.
+    """
+
+    layout = (
+        "<root>/<training|validation>/images/*.jpg and "
+        "<root>/<training|validation>/labels/*.png"
+    )
+    split_aliases = {"train": "training", "val": "validation"}
+
+    def __init__(
+        self,
+        root: str,
+        split: str,
+        domain: str | None = None,
+        transform: Transform | None = None,
+        size: int | None = 1536,
+    ) -> None:
+        root_dir = _require_dir(Path(root), self.layout)
+        split_dir = _require_dir(root_dir / self.split_aliases.get(split, split), self.layout)
+        image_dir = _require_dir(split_dir / "images", self.layout)
+        label_dir = _require_dir(split_dir / "labels", self.layout)
+        images = _list_files(image_dir, "*.jpg", self.layout)
+        pairs = _with_labels(images, lambda image: label_dir / f"{image.stem}.png", self.layout)
+        id_table = lookup_table(MAPILLARY_ID_TO_TRAIN_ID)
+        super().__init__(pairs, domain or "mapillary", transform, id_table)
+        self.size = size
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        image, mask = super().load(index)
+        if self.size is None:
+            return image, mask
+        return resize_and_center_crop(image, mask, self.size)
+
+
+class SynthiaDataset(SegmentationDataset):
+    """SYNTHIA RAND-CITYSCAPES: class ids -> train ids.
+
+    The labels are 16-bit PNGs whose first channel (R, in the file's RGB order) holds the
+    class and the second the instance. OpenCV decodes colour in BGR order, so the class is
+    OpenCV's channel index 2 (Pillow cannot read 16-bit colour PNGs). ``split="all"`` takes
+    every image; any other split reads its image names from ``split_file`` (default
+    ``<root>/<split>.txt``).
+    """
+
+    layout = "<root>/RGB/*.png and <root>/GT/LABELS/*.png (same names), optional <root>/<split>.txt"
+
+    def __init__(
+        self,
+        root: str,
+        split: str,
+        domain: str | None = None,
+        transform: Transform | None = None,
+        split_file: str | None = None,
+    ) -> None:
+        root_dir = _require_dir(Path(root), self.layout)
+        image_dir = _require_dir(root_dir / "RGB", self.layout)
+        label_dir = _require_dir(root_dir / "GT" / "LABELS", self.layout)
+        images = _images_in_split(root_dir, image_dir, split, split_file, self.layout)
+        pairs = _with_labels(images, lambda image: label_dir / image.name, self.layout)
+        id_table = lookup_table(SYNTHIA_ID_TO_TRAIN_ID, size=2**16)
+        super().__init__(pairs, domain or "synthia", transform, id_table)
+
+    def read_ids(self, path: Path) -> np.ndarray:
+        label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if label is None:
+            raise OSError(f"{path}: cannot decode label image (missing, corrupt or unsupported)")
+        return label if label.ndim == 2 else label[:, :, 2]
+
+
+class ACDCDataset(SegmentationDataset):
+    """ACDC (adverse conditions): Cityscapes label ids -> train ids.
+
+    ``condition``: fog, night, rain, snow, or all (the four together); ``split``: train or val
+    (test labels are not public).
+    """
+
+    layout = (
+        "<root>/rgb_anon/<condition>/<split>/<sequence>/*_rgb_anon.png and "
+        "<root>/gt/<condition>/<split>/<sequence>/*_gt_labelIds.png"
+    )
+
+    def __init__(
+        self,
+        root: str,
+        split: str,
+        domain: str | None = None,
+        transform: Transform | None = None,
+        condition: str = "all",
+    ) -> None:
+        if condition != "all" and condition not in ACDC_CONDITIONS:
+            raise ValueError(
+                f"unknown ACDC condition {condition!r}; "
+                f"use one of {', '.join(ACDC_CONDITIONS)} or all"
+            )
+        root_dir = _require_dir(Path(root), self.layout)
+        images: list[Path] = []
+        for name in ACDC_CONDITIONS if condition == "all" else (condition,):
+            image_dir = _require_dir(root_dir / "rgb_anon" / name / split, self.layout)
+            _require_dir(root_dir / "gt" / name / split, self.layout)
+            images += _list_files(image_dir, "**/*_rgb_anon.png", self.layout)
+
+        def label_for(image: Path) -> Path:
+            relative = image.relative_to(root_dir / "rgb_anon")
+            stem = relative.name.removesuffix("_rgb_anon.png")
+            return root_dir / "gt" / relative.parent / f"{stem}_gt_labelIds.png"
+
+        super().__init__(
+            _with_labels(images, label_for, self.layout),
+            domain or ("acdc" if condition == "all" else f"acdc-{condition}"),
+            transform,
+            lookup_table(CITYSCAPES_ID_TO_TRAIN_ID),
+        )
+
+
+class FolderDataset(SegmentationDataset):
+    """A folder of images (png, jpg, jpeg, bmp, tif), for predict and custom datasets.
+
+    Images are read from ``<root>/<split>`` (``split=""``: ``root`` itself). With
+    ``mask_root``, every image needs a label image of the same stem (png, bmp or tif) in
+    ``<mask_root>/<split>``, already in train ids 0..18 / 255 (validated); without it, masks
+    are all 255. The domain defaults to the image folder's name.
+    """
+
+    layout = "<root>/<split>/*.{png,jpg,jpeg,bmp,tif}, optional <mask_root>/<split>/<same stem>.png"
+
+    def __init__(
+        self,
+        root: str,
+        split: str = "",
+        domain: str | None = None,
+        transform: Transform | None = None,
+        mask_root: str | None = None,
+    ) -> None:
+        image_dir = _require_dir(Path(root) / split, self.layout)
+        images = sorted(
+            path for path in image_dir.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not images:
+            raise FileNotFoundError(
+                f"no images match {image_dir}/*{{{','.join(IMAGE_SUFFIXES)}}}\n"
+                f"expected layout: {self.layout}"
+            )
+        pairs: list[ImageLabelPair] = [(image, None) for image in images]
+        if mask_root is not None:
+            mask_dir = _require_dir(Path(mask_root) / split, self.layout)
+            masks = {
+                path.stem: path
+                for path in mask_dir.iterdir()
+                if path.suffix.lower() in LABEL_SUFFIXES
+            }
+
+            def mask_for(image: Path) -> Path:
+                return masks.get(image.stem, mask_dir / f"{image.stem}.png")
+
+            pairs = _with_labels(images, mask_for, self.layout)
+        super().__init__(pairs, domain or image_dir.resolve().name, transform)
+
+
+DATASETS: dict[str, type[SegmentationDataset]] = {
+    "cityscapes": CityscapesDataset,
+    "gtav": GTAVDataset,
+    "bdd100k": BDD100KDataset,
+    "mapillary": MapillaryDataset,
+    "synthia": SynthiaDataset,
+    "acdc": ACDCDataset,
+    "folder": FolderDataset,
+}
+
+
+def build_dataset(
+    name: str,
+    root: str,
+    split: str,
+    domain: str | None = None,
+    transform: Transform | None = None,
+    **kwargs,
+) -> SegmentationDataset:
+    """The dataset registered as ``name`` in :data:`DATASETS`, read from ``root``/``split``.
+
+    ``domain`` defaults to the dataset's name; ``kwargs`` go to the dataset class (e.g.
+    ``size`` for mapillary, ``condition`` for acdc, ``split_file`` for gtav and synthia,
+    ``mask_root`` for folder).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    return DATASETS[name](root, split, domain=domain, transform=transform, **kwargs)
