@@ -45,3 +45,10 @@ def test_with_parts_shares_modules_without_copying():
     assert a.decoder is not b.decoder  # the source net is untouched
     images = torch.rand(1, 3, 32, 32)
     torch.testing.assert_close(mixed(images), b.decoder(a.encoder(a.normalize(images))))
+
+
+def test_shallow_encoder_has_no_parameters_without_gradient():
+    """smp keeps unused stages for encoder_depth < 5; DDP would reject their missing grads."""
+    net = SegmentationNet("Unet", "resnet18", None, 19, {"encoder_depth": 3, "decoder_channels": [32, 16, 8]})
+    net(torch.rand(2, 3, 64, 64)).sum().backward()
+    assert all(p.grad is not None for p in net.parameters())

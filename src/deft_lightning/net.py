@@ -41,6 +41,27 @@ class SegmentationDecoder(nn.Module):
         return logits
 
 
+def _drop_unused_encoder_stages(encoder: nn.Module) -> None:
+    """Replace encoder children that never reach the output by ``nn.Identity``.
+
+    smp keeps every stage of an encoder built with ``encoder_depth < 5`` (a ResNet's
+    ``layer4``, say) although its forward stops early; those parameters would get no
+    gradient, which DDP rejects. A probe forward finds them (after the weights are loaded).
+    """
+    if getattr(encoder, "_depth", 5) >= 5:
+        return
+    was_training = encoder.training
+    encoder.eval()
+    features = encoder(torch.zeros(1, 3, 64, 64))
+    sum(f.float().sum() for f in features[1:]).backward()
+    for name, child in list(encoder.named_children()):
+        params = list(child.parameters())
+        if params and all(p.grad is None for p in params):
+            setattr(encoder, name, nn.Identity())
+    encoder.zero_grad(set_to_none=True)
+    encoder.train(was_training)
+
+
 class SegmentationNet(nn.Module):
     """An smp architecture by name, with ``.encoder`` and ``.decoder`` halves.
 
@@ -79,6 +100,7 @@ class SegmentationNet(nn.Module):
             mean, std = normalization.mean, normalization.std
         self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("input_std", torch.tensor(std).view(1, 3, 1, 1))
+        _drop_unused_encoder_stages(self.encoder)
 
     @property
     def output_stride(self) -> int:
@@ -111,7 +133,13 @@ class SegmentationNet(nn.Module):
     def to_smp(self) -> nn.Module:
         """A plain smp model holding a copy of these weights (for ``save_pretrained``)."""
         model = smp.create_model(**self.smp_config, encoder_weights=None)
-        model.encoder.load_state_dict(self.encoder.state_dict())
+        # Stages dropped as unused (encoder_depth < 5) keep smp's init: they never run.
+        dropped = tuple(f"{name}." for name, child in self.encoder.named_children() if isinstance(child, nn.Identity))
+        # nn.Module.load_state_dict: some smp encoders override it and return nothing.
+        missing, unexpected = nn.Module.load_state_dict(model.encoder, self.encoder.state_dict(), strict=False)
+        if unexpected or any(not key.startswith(dropped) for key in missing):
+            raise RuntimeError(f"encoder does not match smp's {self.smp_config}: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
         model.decoder.load_state_dict(self.decoder.decoder.state_dict())
         model.segmentation_head.load_state_dict(self.decoder.head.state_dict())
         return model
