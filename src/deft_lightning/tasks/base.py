@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..callbacks.ema import EMAPair
 from ..data.labels import CLASSES, IGNORE_INDEX, NUM_CLASSES
+from ..data.transforms import lab_style_augmentation
 from ..metrics import DomainIoU
 from ..net import SegmentationNet
 
@@ -49,6 +50,8 @@ class SegmentationTask(LightningModule):
             ``schedule_steps`` or, when unset, the trainer's total optimizer steps.
         domains: evaluation domain names, only needed without a datamodule that has
             ``eval_domains``.
+        style_augmentation: append a LAB-restyled copy of every training batch, labels
+            duplicated (DeFT's recipe; :func:`~deft_lightning.data.transforms.lab_style_augmentation`).
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class SegmentationTask(LightningModule):
         poly_power: float = 0.9,
         schedule_steps: int | None = None,
         domains: list[str] | None = None,
+        style_augmentation: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -137,7 +141,10 @@ class SegmentationTask(LightningModule):
 
     # ---- training ------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self.training_loss(batch["image"], batch["mask"])
+        images, masks = batch["image"], batch["mask"]
+        if self.hparams.style_augmentation:
+            images, masks = lab_style_augmentation(images, masks)
+        loss = self.training_loss(images, masks)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
