@@ -4,13 +4,14 @@ from .callbacks import DecoderWarmup, EMACallback, EMAPair
 from .data.datamodule import DatasetSpec, DGSegDataModule
 from .metrics import DomainIoU, iou_per_class, mean_iou
 from .net import SegmentationNet
-from .tasks import JointFinetune, SegmentationTask
+from .tasks import DeFT, JointFinetune, SegmentationTask
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DGSegDataModule",
     "DatasetSpec",
+    "DeFT",
     "DecoderWarmup",
     "DomainIoU",
     "EMACallback",

@@ -1,6 +1,7 @@
 """One LightningModule per finetuning method, all on :class:`SegmentationTask`."""
 
 from .base import SegmentationTask
+from .deft import DeFT
 from .joint import JointFinetune
 
-__all__ = ["JointFinetune", "SegmentationTask"]
+__all__ = ["DeFT", "JointFinetune", "SegmentationTask"]
