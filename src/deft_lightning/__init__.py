@@ -1,14 +1,16 @@
 """deft-lightning: domain-generalizable segmentation finetuning on PyTorch Lightning + smp."""
 
-from .callbacks import DecoderWarmup, EMACallback, EMAPair
+from .callbacks import BNConversion, DecoderWarmup, EMACallback, EMAPair
 from .data.datamodule import DatasetSpec, DGSegDataModule
 from .metrics import DomainIoU, iou_per_class, mean_iou
 from .net import SegmentationNet
-from .tasks import DeFT, JointFinetune, SegmentationTask
+from .tasks import DAFT, DeFT, JointFinetune, SegmentationTask
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BNConversion",
+    "DAFT",
     "DGSegDataModule",
     "DatasetSpec",
     "DeFT",

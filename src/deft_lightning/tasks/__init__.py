@@ -1,7 +1,8 @@
 """One LightningModule per finetuning method, all on :class:`SegmentationTask`."""
 
 from .base import SegmentationTask
+from .daft import DAFT
 from .deft import DeFT
 from .joint import JointFinetune
 
-__all__ = ["DeFT", "JointFinetune", "SegmentationTask"]
+__all__ = ["DAFT", "DeFT", "JointFinetune", "SegmentationTask"]

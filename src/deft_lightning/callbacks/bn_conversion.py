@@ -1,0 +1,197 @@
+"""DAFT's batch-normalisation conversion (Algorithm 1), once before the first training step.
+
+With the network in eval mode every BN layer still normalises with its source statistics
+``(M_s, Σ_s)``, so each layer sees the input the unchanged eval-mode network gives it. A
+forward pre-hook records, for every calibration batch ``b``, the channel mean ``μ_b`` and the
+biased variance ``σ²_b`` (divisor ``m_b``) of the layer's *input*. Then (Eq. 3 and 5)
+
+    M_t = mean_b μ_b                    Σ_t = mean_b m_b/(m_b − 1) · σ²_b
+    γ_t = γ_s · sqrt(Σ_t + ε) / sqrt(Σ_s + ε)
+    β_t = β_s + γ_s · (M_t − M_s) / sqrt(Σ_s + ε)
+
+and the running statistics become ``(M_t, Σ_t)``. In eval mode a converted layer computes
+``γ_t (z − M_t)/sqrt(Σ_t + ε) + β_t = γ_s (z − M_s)/sqrt(Σ_s + ε) + β_s`` (Eq. 4): the eval-mode
+function of the network is unchanged, while finetuning in train mode starts from parameters
+and statistics that already match the target batches.
+
+``m_b`` is the number of elements per channel in batch ``b`` as PyTorch counts them for its own
+unbiased running variance: ``N·H·W`` for ``BatchNorm2d`` (``N·L`` or ``N`` for 1d, ``N·D·H·W``
+for 3d). With equal batches (the train loader drops the last one) ``Σ_t`` is the paper's
+``m/(m − 1) · mean_b σ²_b``. Per-batch moments are computed in the input's precision (float32
+at least) and summed in float64; the conversion itself is done in float64.
+
+Under DDP each rank runs its own shard of the training data; the per-layer sums and batch
+counts are all-reduced before the conversion, so every rank converts with the same ``(M_t,
+Σ_t)``: the mean over the union of all ranks' batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from itertools import islice
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+Reduce = Callable[[Tensor], Tensor]
+
+
+def batchnorm_layers(modules: Iterable[nn.Module]) -> dict[str, _BatchNorm]:
+    """Every BatchNorm layer (SyncBatchNorm included) inside ``modules``, by qualified name;
+    a layer reachable from two of the modules is listed once."""
+    layers: dict[str, _BatchNorm] = {}
+    seen: set[int] = set()
+    for index, module in enumerate(modules):
+        for name, layer in module.named_modules(prefix=f"{index}"):
+            if isinstance(layer, _BatchNorm) and id(layer) not in seen:
+                if not (layer.affine and layer.track_running_stats):
+                    raise ValueError(f"BN conversion needs affine BN layers with running statistics; "
+                                     f"{name} has affine={layer.affine}, "
+                                     f"track_running_stats={layer.track_running_stats}")
+                seen.add(id(layer))
+                layers[name] = layer
+    return layers
+
+
+@torch.no_grad()
+def target_statistics(net: nn.Module, layers: dict[str, _BatchNorm], batches: Iterable[Any],
+                      reduce: Reduce | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """``(M_t, Σ_t)`` in float64 for every layer, from one eval-mode forward of ``net`` per batch.
+
+    ``batches`` are whatever ``net`` takes. ``reduce`` sums a float64 tensor across processes
+    (DDP); the per-layer sums and batch counts go through it in one call.
+    """
+    sums = {name: [torch.zeros(layer.num_features, dtype=torch.float64, device=layer.running_mean.device)
+                   for _ in range(2)] for name, layer in layers.items()}
+    counts = dict.fromkeys(layers, 0)
+
+    def record(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+        def hook(layer: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            z = inputs[0]
+            if z.dtype not in (torch.float32, torch.float64):
+                z = z.float()
+            m = z.numel() // z.shape[1]
+            if m < 2:
+                raise ValueError(f"BN conversion of {name}: one element per channel in a batch; "
+                                 f"the unbiased variance needs m >= 2")
+            variance, mean = torch.var_mean(z, dim=[d for d in range(z.dim()) if d != 1], correction=0)
+            sums[name][0] += mean.double()
+            sums[name][1] += variance.double() * (m / (m - 1))
+            counts[name] += 1
+        return hook
+
+    modes = {module: module.training for module in net.modules()}
+    handles = [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()]
+    net.eval()
+    try:
+        for batch in batches:
+            net(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+
+    names = list(layers)
+    flat = torch.cat([torch.cat(sums[name]) for name in names]
+                     + [torch.tensor([float(counts[name]) for name in names], dtype=torch.float64,
+                                     device=sums[names[0]][0].device)])
+    if reduce is not None:
+        flat = reduce(flat)
+    totals = flat[-len(names):]
+    unseen = [name for name, total in zip(names, totals.tolist()) if total == 0]
+    if unseen:
+        raise RuntimeError(f"BN conversion: {len(unseen)} BN layer(s) received no input during the "
+                           f"calibration forwards (not on the forward path, or no batches): {unseen[:5]}")
+    statistics: dict[str, tuple[Tensor, Tensor]] = {}
+    offset = 0
+    for name, total in zip(names, totals):
+        size = layers[name].num_features
+        mean_sum, variance_sum = flat[offset:offset + size], flat[offset + size:offset + 2 * size]
+        statistics[name] = (mean_sum / total, variance_sum / total)
+        offset += 2 * size
+    return statistics
+
+
+@torch.no_grad()
+def convert_batchnorm(layer: _BatchNorm, mean_t: Tensor, var_t: Tensor) -> None:
+    """Eq. 5: rewrite ``γ, β`` for the target statistics and install ``(M_t, Σ_t)``, in float64."""
+    # Copies: the source values must survive the in-place writes below (float64 layers too).
+    mean_s, var_s, gamma_s, beta_s = (tensor.to(torch.float64, copy=True) for tensor in
+                                      (layer.running_mean, layer.running_var, layer.weight, layer.bias))
+    source_scale = torch.sqrt(var_s + layer.eps)
+    layer.weight.copy_(gamma_s * torch.sqrt(var_t + layer.eps) / source_scale)
+    layer.bias.copy_(beta_s + gamma_s * (mean_t - mean_s) / source_scale)
+    layer.running_mean.copy_(mean_t)
+    layer.running_var.copy_(var_t)
+
+
+def convert_bn(net: nn.Module, modules: Iterable[nn.Module], batches: Iterable[Any],
+               reduce: Reduce | None = None) -> int:
+    """Algorithm 1: convert every BN layer inside ``modules`` (parts of ``net``) to the target
+    statistics of ``batches`` fed through ``net``. Returns the number of converted layers.
+
+    Raises ``ValueError`` when ``modules`` hold no BatchNorm layer: a conversion that silently
+    does nothing would make a "with BN conversion" result meaningless.
+    """
+    layers = batchnorm_layers(modules)
+    if not layers:
+        raise ValueError("BN conversion: the modules to convert contain no BatchNorm layer; "
+                         "turn the conversion off for this network (DAFT: bn_conversion=False)")
+    for name, (mean_t, var_t) in target_statistics(net, layers, batches, reduce).items():
+        convert_batchnorm(layers[name], mean_t, var_t)
+    return len(layers)
+
+
+class BNConversion(Callback):
+    """Algorithm 1 once, at the start of training, on ``num_batches`` training batches.
+
+    Images come from the trainer's train dataloader (a fresh pass; under DDP each rank's own
+    shard) and go through the task's ``inference_net()`` in eval mode, with the trainer's
+    precision (input conversion and autocast). The layers converted are the BN layers of the
+    task's ``bn_conversion_modules()`` when it has that hook, else of the whole
+    ``inference_net()``. The global CPU RNG is saved and restored around the pass, so the
+    training sampler's shuffle is the same as without conversion; an augmentation pipeline
+    with its own generator in the main process (``num_workers=0``) does advance.
+
+    The callback checkpoints ``converted``: a run resumed after the conversion does not
+    convert again (its weights are already converted in the checkpoint).
+
+    Args:
+        num_batches: calibration batches per process; ``None`` makes one full pass over the
+            training data, as Algorithm 1 does.
+    """
+
+    def __init__(self, num_batches: int | None = None) -> None:
+        if num_batches is not None and num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1 or None, got {num_batches}")
+        self.num_batches = num_batches
+        self.converted = False
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.converted:
+            return
+        net = pl_module.inference_net()
+        hook = getattr(pl_module, "bn_conversion_modules", None)
+        modules = hook() if hook is not None else [net]
+        precision = trainer.precision_plugin
+
+        def images() -> Iterable[Tensor]:
+            for batch in islice(trainer.train_dataloader, self.num_batches):
+                yield precision.convert_input(batch["image"].to(pl_module.device))
+
+        with torch.random.fork_rng(devices=[]), precision.forward_context():
+            count = convert_bn(net, modules, images(),
+                               reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
+        self.converted = True
+        rank_zero_info(f"BN conversion: {count} BatchNorm layers converted to the training data's statistics")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"converted": self.converted}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.converted = state_dict["converted"]
