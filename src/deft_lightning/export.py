@@ -39,8 +39,11 @@ def load_task(ckpt_path: str | Path) -> SegmentationTask:
     return task.eval()
 
 
-def export(ckpt_path: str, out: str) -> Path:
+def export(*, ckpt_path: str, out: str) -> Path:
     """Write the checkpoint's inference network to ``out`` in smp's save_pretrained format.
+
+    Keyword-only, so the command line takes ``--ckpt_path`` and ``--out`` (jsonargparse makes
+    required positional parameters positional arguments).
 
     Args:
         ckpt_path: a checkpoint written by any deft-lightning task.
