@@ -18,6 +18,8 @@ from deft_lightning.tasks.deft import FINAL_MODELS
 
 COMPONENTS = ("adaptive_encoder", "retentive_decoder", "retentive_encoder", "adaptive_decoder")
 SCRIPTS = Path(__file__).parent / "scripts"
+ROOT = Path(__file__).resolve().parents[1]
+ABLATION_CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs/ablations/deft").rglob("*.yaml"))
 
 
 def snapshot(task, params_only=False):
@@ -282,3 +284,27 @@ def test_two_process_ddp_keeps_retentive_components_identical(tmp_path):
     for key in ("retentive_encoder", "retentive_decoder", "adaptive_encoder", "adaptive_decoder"):
         assert ranks[0]["params"][key] == ranks[1]["params"][key], key
     assert ranks[0]["params"]["retentive_encoder"] != ranks[0]["params"]["adaptive_encoder"]
+
+
+@pytest.mark.parametrize("config", ABLATION_CONFIGS)
+def test_every_deft_ablation_config_parses(config):
+    """Each ablation config is a full config: it parses and instantiates model and data alone."""
+    from deft_lightning.cli import lightning_cli
+
+    cli = lightning_cli(["--config", str(ROOT / config), "--trainer.logger=false"], run=False)
+    assert cli.datamodule is not None
+    if "/final_model/" in config:
+        assert cli.model.hparams.final_model == Path(config).stem
+    if "/beta/" in config:
+        assert cli.model.hparams.beta_encoder == cli.model.hparams.beta_decoder == float(Path(config).stem[5:])
+
+
+def test_ablation_tables_have_every_row():
+    tables = {}
+    for config in ABLATION_CONFIGS:
+        table, name = config.split("/")[-2:]
+        tables.setdefault(table, []).append(name)
+    assert tables == {"beta": ["beta_0.99.yaml", "beta_0.999.yaml", "beta_0.9999.yaml"],
+                      "components": ["1_joint.yaml", "2_joint_aug.yaml", "3_joint_aug_warmup.yaml", "4_deft.yaml"],
+                      "final_model": ["I.yaml", "II.yaml", "III.yaml", "IV.yaml"],
+                      "strategy": ["1_joint.yaml", "2_joint_ema.yaml", "3_deft.yaml"]}
