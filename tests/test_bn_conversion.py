@@ -15,6 +15,7 @@ from torch import nn
 from conftest import TINY_NET, trainer_kwargs
 from deft_lightning import DAFT, BNConversion, DGSegDataModule, SegmentationNet
 from deft_lightning.callbacks import convert_bn
+from deft_lightning.callbacks.bn_conversion import channel_moments
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -57,8 +58,8 @@ def test_eval_function_unchanged_and_running_stats_are_target_statistics():
     generator = torch.Generator().manual_seed(0)
     net = SegmentationNet(**TINY_NET).double()
     randomise_bn(net, generator)
-    batches = [torch.rand(3, 3, 64, 96, generator=generator, dtype=torch.float64) * 1.5 for _ in range(4)]
-    probe = torch.rand(2, 3, 64, 96, generator=generator, dtype=torch.float64)
+    batches = [torch.rand(2, 3, 32, 64, generator=generator, dtype=torch.float64) * 1.5 for _ in range(3)]
+    probe = torch.rand(2, 3, 32, 64, generator=generator, dtype=torch.float64)
     reference = copy.deepcopy(net)
     inputs = bn_inputs(reference, batches)
     net.eval()
@@ -104,6 +105,21 @@ def test_statistics_come_from_each_layer_input_under_eval_propagation(shape):
     train_mean, _ = expected_statistics(train_inputs)
     assert not torch.allclose(net[1].running_mean, train_mean, atol=1e-3)
     assert net.training and net[0].training and net[1].training  # train mode restored
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 50), (2, 3, 20, 30), (2, 3, 4, 5, 6)])
+def test_channel_moments_in_float32_match_a_float64_reference(shape):
+    """Large means (cancellation-prone) and a channels-last layout, float32 in, float64 out."""
+    generator = torch.Generator().manual_seed(2)
+    z = torch.randn(*shape, generator=generator) * 0.5 + 300
+    if len(shape) == 4:
+        z = z.contiguous(memory_format=torch.channels_last)
+    mean, variance = channel_moments(z)
+    dims = [0, *range(2, z.dim())]
+    reference_var, reference_mean = torch.var_mean(z.double(), dim=dims, correction=0)
+    assert mean.dtype == variance.dtype == torch.float64
+    torch.testing.assert_close(mean, reference_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(variance, reference_var, rtol=1e-4, atol=0)
 
 
 def test_model_without_batchnorm_raises_a_clear_error():
