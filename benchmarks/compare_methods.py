@@ -66,8 +66,10 @@ def main() -> None:
     parser.add_argument("configs", nargs="+", help="config files or folders of them")
     parser.add_argument("--out", type=Path, help="write the table (with the command) to this Markdown file")
     parser.add_argument("--root", type=Path, default=Path("runs/compare"), help="run folders")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads (1 is faster on a CPU shared with other jobs)")
     args, overrides = parser.parse_known_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     rows = {}
     for config in config_files(args.configs):
         rows[config.stem] = fit_and_test(config, overrides, args.root)

@@ -120,14 +120,14 @@ def per_parameter_ema(pairs) -> None:
                 target.mul_(pair.beta).add_(source, alpha=1 - pair.beta)
 
 
-def memory_probe(method: str, setup_name: str, steps: int) -> dict[str, float]:
+def memory_probe(method: str, setup_name: str, steps: int, threads: int) -> dict[str, float]:
     """In a fresh process: resident set after imports, then its peak over build + ``steps`` steps.
 
     The peak is the kernel's high-water mark of this process image (``VmHWM``), reset after the
     imports through ``/proc/self/clear_refs``; ``ru_maxrss`` would not do: it carries the parent's
     resident set over from ``fork`` across ``exec``.
     """
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     baseline = _proc_status_mib("VmRSS")
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # reset VmHWM to the current resident set
@@ -146,14 +146,15 @@ def _proc_status_mib(field: str) -> float:
     return int(line.split()[1]) / 1024  # kB
 
 
-def measure_memory(method: str, setup_name: str, steps: int) -> dict[str, float]:
-    command = [sys.executable, __file__, "--memory-probe", method, setup_name, "--memory-steps", str(steps)]
+def measure_memory(method: str, setup_name: str, steps: int, threads: int) -> dict[str, float]:
+    command = [sys.executable, __file__, "--memory-probe", method, setup_name, "--memory-steps", str(steps),
+               "--threads", str(threads)]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def run(args: argparse.Namespace) -> str:
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     lines = [f"Measured with `{args.command}` on {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> str:
         ema = alternate({"fused": lambda: ema_update(pairs), "loop": lambda: per_parameter_ema(pairs)},
                         args.ema_reps, 2)
         breakdowns[name] = deft_breakdown(deft, deft_optimizer, images, masks, args.steps)
-        memories[name] = {m: measure_memory(m, name, args.memory_steps) for m in ("joint", "deft")}
+        memories[name] = {m: measure_memory(m, name, args.memory_steps, args.threads) for m in ("joint", "deft")}
         memory_ratio = memories[name]["deft"]["training_mib"] / memories[name]["joint"]["training_mib"]
         lines.append(f"| {setup['label']} | {medians['joint']:.3f} | {medians['deft']:.3f} | "
                      f"**{medians['deft'] / medians['joint']:.2f}** | {1e3 * ema['fused']:.1f} | "
@@ -221,6 +222,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--steps", type=int, default=7, help="measured steps per method")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
     parser.add_argument("--ema-reps", type=int, default=20)
     parser.add_argument("--memory-steps", type=int, default=3)
@@ -230,7 +232,7 @@ def main() -> None:
     parser.add_argument("--memory-probe", nargs=2, metavar=("METHOD", "SETUP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
-        print(json.dumps(memory_probe(*args.memory_probe, args.memory_steps)))
+        print(json.dumps(memory_probe(*args.memory_probe, args.memory_steps, args.threads)))
         return
     args.command = "python benchmarks/deft_step.py " + shlex.join(sys.argv[1:])
     table = run(args)
