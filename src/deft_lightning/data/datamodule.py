@@ -34,17 +34,14 @@ SYNTHETIC_VAL_FIRST_INDEX = 1_000_000
 class DatasetSpec:
     """A dataset on disk: registry ``name`` (cityscapes, gtav, bdd100k, mapillary, synthia,
     acdc, folder), its ``root`` folder, ``split``, the ``domain`` name used in metric keys
-    (default: ``name``), and dataset-specific ``options``."""
+    (default: the dataset's own, e.g. ``cityscapes`` or ``acdc-night``), and
+    dataset-specific ``options`` (``size``, ``condition``, ``split_file``, ``mask_root``)."""
 
     name: str
     root: str
     split: str = "train"
     domain: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def domain_name(self) -> str:
-        return self.domain or self.name
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -108,6 +105,7 @@ class DGSegDataModule(LightningDataModule):
             raise ValueError(f"unknown synthetic domain(s) {unknown}; known: {list(DOMAINS)}")
         self.train_set: Dataset | None = None
         self.eval_sets: dict[str, Dataset] = {}
+        self._source_val_domain: str | None = None
         self.predict_sets: list[Dataset] = []
 
     # ---- domains -----------------------------------------------------------------------
@@ -116,25 +114,15 @@ class DGSegDataModule(LightningDataModule):
         return self.hparams.source is None
 
     @property
-    def source_val_domain(self) -> str | None:
-        hp = self.hparams
-        if hp.source_val is not None:
-            return hp.source_val.domain_name
-        return hp.synthetic_source if self.uses_synthetic_source else None
-
-    @property
-    def target_domains(self) -> list[str]:
-        hp = self.hparams
-        if hp.targets is not None:
-            return [spec.domain_name for spec in hp.targets]
-        if hp.synthetic_targets is not None:
-            return list(hp.synthetic_targets)
-        return [d for d in DOMAINS if d != hp.synthetic_source]
-
-    @property
     def eval_domains(self) -> list[str]:
-        source = self.source_val_domain
-        return ([source] if source else []) + self.target_domains
+        """Evaluation domain names, in dataloader order: the source's held-out split (if any) first."""
+        return list(self._eval_sets())
+
+    @property
+    def source_val_domain(self) -> str | None:
+        """The held-out source domain among ``eval_domains`` (model selection), if any."""
+        self._eval_sets()
+        return self._source_val_domain
 
     # ---- datasets ----------------------------------------------------------------------
     def _synthetic(self, domain: str, length: int, first_index: int = 0, transform=None) -> Dataset:
@@ -144,7 +132,7 @@ class DGSegDataModule(LightningDataModule):
 
     @staticmethod
     def _from_spec(spec: DatasetSpec, transform=None) -> Dataset:
-        return build_dataset(spec.name, spec.root, spec.split, domain=spec.domain_name,
+        return build_dataset(spec.name, spec.root, spec.split, domain=spec.domain,
                              transform=transform, **spec.options)
 
     def _train_transform(self):
@@ -156,23 +144,27 @@ class DGSegDataModule(LightningDataModule):
         transform.set_random_seed(hp.seed)
         return transform
 
-    def _build_eval_sets(self) -> dict[str, Dataset]:
+    def _eval_sets(self) -> dict[str, Dataset]:
+        """Built once: {domain name: dataset}, the held-out source split first."""
+        if self.eval_sets:
+            return self.eval_sets
         hp = self.hparams
-        sets: dict[str, Dataset] = {}
+        sets: list[Dataset] = []
         if hp.source_val is not None:
-            sets[hp.source_val.domain_name] = self._from_spec(hp.source_val)
+            sets.append(self._from_spec(hp.source_val))
         elif self.uses_synthetic_source:
-            sets[hp.synthetic_source] = self._synthetic(hp.synthetic_source, hp.synthetic_val_size,
-                                                        SYNTHETIC_VAL_FIRST_INDEX)
+            sets.append(self._synthetic(hp.synthetic_source, hp.synthetic_val_size, SYNTHETIC_VAL_FIRST_INDEX))
+        self._source_val_domain = sets[0].domain if sets else None
         if hp.targets is not None:
-            for spec in hp.targets:
-                sets[spec.domain_name] = self._from_spec(spec)
+            sets += [self._from_spec(spec) for spec in hp.targets]
         else:
-            for domain in self.target_domains:
-                sets[domain] = self._synthetic(domain, hp.synthetic_val_size, SYNTHETIC_VAL_FIRST_INDEX)
-        if len(sets) != len(self.eval_domains):
-            raise ValueError(f"evaluation domain names must be unique, got {self.eval_domains}")
-        return sets
+            targets = hp.synthetic_targets or [d for d in DOMAINS if d != hp.synthetic_source]
+            sets += [self._synthetic(d, hp.synthetic_val_size, SYNTHETIC_VAL_FIRST_INDEX) for d in targets]
+        names = [dataset.domain for dataset in sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluation domain names must be unique, got {names}: set `domain` in the dataset entries")
+        self.eval_sets = dict(zip(names, sets))
+        return self.eval_sets
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
@@ -180,16 +172,15 @@ class DGSegDataModule(LightningDataModule):
             transform = self._train_transform()
             self.train_set = (self._synthetic(hp.synthetic_source, hp.synthetic_train_size, 0, transform)
                               if self.uses_synthetic_source else self._from_spec(hp.source, transform))
-        if stage in ("fit", "validate", "test") and not self.eval_sets:
-            self.eval_sets = self._build_eval_sets()
+        if stage in ("fit", "validate", "test"):
+            self._eval_sets()
         if stage == "predict" and not self.predict_sets:
             if hp.predict_root is not None:
                 self.predict_sets = [build_dataset("folder", hp.predict_root, "", domain="predict")]
             else:
-                eval_sets = self.eval_sets or self._build_eval_sets()
                 count = hp.predict_per_domain
                 self.predict_sets = [torch.utils.data.Subset(ds, range(min(count, len(ds))))
-                                     for ds in eval_sets.values()]
+                                     for ds in self._eval_sets().values()]
 
     # ---- dataloaders -------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
