@@ -62,17 +62,18 @@ def channel_moments(z: Tensor) -> tuple[Tensor, Tensor]:
     """Channel mean and biased variance (divisor ``m``) of a BN input ``(N, C, *)``, in float64.
 
     Two passes over each (sample, channel) row in the input's precision (float32 at least):
-    row means, then the rows' summed squared deviations; the rows are then combined exactly in
-    float64 (Chan et al.'s parallel formula, equal row sizes). Contiguous inner-dimension
-    reductions and elementwise ops vectorise on CPU: about 9x faster single-threaded than
-    ``torch.var_mean`` over dims (0, 2, 3), at a relative error of ~1e-7 in float32.
+    row means, then the norm of the rows' deviations; the rows are then combined exactly in
+    float64 (Chan et al.'s parallel formula, equal row sizes). Three full-size ops, each a
+    contiguous inner-dimension reduction or elementwise op that vectorises on CPU: about 10x
+    faster single-threaded than ``torch.var_mean`` over dims (0, 2, 3), at a relative error
+    of ~1e-7 in float32.
     """
     if z.dtype not in (torch.float32, torch.float64):
         z = z.float()
     rows = z.reshape(z.shape[0], z.shape[1], -1)
     size = rows.shape[2]
     row_means = rows.mean(2, keepdim=True)
-    row_m2 = (rows - row_means).square_().sum(2).double()
+    row_m2 = torch.linalg.vector_norm(rows - row_means, dim=2).double().square()
     row_means = row_means.squeeze(2).double()
     mean = row_means.mean(0)
     variance = (row_m2.sum(0) + size * (row_means - mean).square().sum(0)) / (rows.shape[0] * size)
