@@ -171,13 +171,14 @@ def convert_bn(net: nn.Module, modules: Iterable[nn.Module], batches: Iterable[A
 class BNConversion(Callback):
     """Algorithm 1 once, at the start of training, on ``num_batches`` training batches.
 
-    Images come from the trainer's train dataloader (a fresh pass; under DDP each rank's own
-    shard) and go through the task's ``inference_net()`` in eval mode, with the trainer's
+    Images (the ``image`` entry of the library's dict batches) come from the trainer's train
+    dataloader (a fresh pass; under DDP each rank's own shard) and go through the task's ``inference_net()`` in eval mode, with the trainer's
     precision (input conversion and autocast). The layers converted are the BN layers of the
     task's ``bn_conversion_modules()`` when it has that hook, else of the whole
     ``inference_net()``. The global CPU RNG is saved and restored around the pass, so the
-    training sampler's shuffle is the same as without conversion; an augmentation pipeline
-    with its own generator in the main process (``num_workers=0``) does advance.
+    training sampler's shuffle (and fresh workers' seeds) are the same as without conversion;
+    an augmentation generator that lives on across passes (in the main process with
+    ``num_workers=0``, or in persistent workers) does advance.
 
     The callback checkpoints ``converted``: a run resumed after the conversion does not
     convert again (its weights are already converted in the checkpoint).
