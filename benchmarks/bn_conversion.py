@@ -6,7 +6,7 @@ rewrite of every BN layer. This script times, side by side and interleaved (plai
 plain, convert, ...), ``--batches`` plain eval forwards and one ``convert_bn`` over the same
 batches, reports the medians and their ratio, and writes the table to docs/bn_conversion.md.
 
-    python benchmarks/bn_conversion.py --batches 8 --batch-size 2 --size 256 --repeats 5
+    python benchmarks/bn_conversion.py --batches 8 --batch-size 2 --size 256 --repeats 5 --threads 1 2
 """
 
 from __future__ import annotations
@@ -43,56 +43,68 @@ def plain_forwards(net: torch.nn.Module, batches: list[torch.Tensor]) -> None:
         net(images)
 
 
+def measure(net: torch.nn.Module, batches: list[torch.Tensor], repeats: int) -> dict[str, list[float]]:
+    """Seconds per repeat for the plain eval forwards and for ``convert_bn``, interleaved."""
+    plain_forwards(net, batches[:1])  # warm-up (allocator, one-off kernel selection)
+    times: dict[str, list[float]] = {"plain eval forwards": [], "BN conversion": []}
+    for repeat in range(repeats):
+        for name, run in (("plain eval forwards", lambda: plain_forwards(net, batches)),
+                          ("BN conversion", lambda: convert_bn(net, [net], batches))):
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+            print(f"threads {torch.get_num_threads()}  repeat {repeat + 1}/{repeats}  {name}: "
+                  f"{times[name][-1]:.2f} s", flush=True)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
+                        help="CPU thread counts to measure, one after the other")
     parser.add_argument("--no-doc", action="store_true", help="print only, do not write docs/bn_conversion.md")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     net = SegmentationNet(**NET)
     batches = [torch.rand(args.batch_size, 3, args.size, args.size) for _ in range(args.batches)]
     layers = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
-    plain_forwards(net, batches[:1])  # warm-up (allocator, one-off kernel selection)
-    times: dict[str, list[float]] = {"plain eval forwards": [], "BN conversion": []}
-    for repeat in range(args.repeats):
-        for name, run in (("plain eval forwards", lambda: plain_forwards(net, batches)),
-                          ("BN conversion", lambda: convert_bn(net, [net], batches))):
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-            print(f"repeat {repeat + 1}/{args.repeats}  {name}: {times[name][-1]:.2f} s", flush=True)
+    rows, failed = [], []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        times = measure(net, batches, args.repeats)
+        plain, conversion = (statistics.median(times[name]) for name in times)
+        ratio = conversion / plain
+        if ratio > LIMIT:
+            failed.append(f"{threads} threads: {ratio:.2f}x")
+        rows.append(f"| {threads} | {plain:.2f} ({plain / args.batches:.3f}/batch) | "
+                    f"{conversion:.2f} ({conversion / args.batches:.3f}/batch) | **{ratio:.3f}** "
+                    f"({'met' if ratio <= LIMIT else 'NOT met'}) | "
+                    + "; ".join(f"{n}: {', '.join(f'{v:.2f}' for v in vs)}" for n, vs in times.items()) + " |")
 
-    plain, conversion = (statistics.median(times[name]) for name in times)
-    ratio = conversion / plain
     command = "python benchmarks/bn_conversion.py " + " ".join(sys.argv[1:])
     table = "\n".join([
         f"DeepLabV3+ ResNet-50 (output stride 16, random init, {layers} BN layers), "
         f"{args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}, float32, "
-        f"{args.threads} CPU threads ({cpu_name()}), torch {torch.__version__}; "
-        f"median of {args.repeats} interleaved repeats.",
+        f"{cpu_name()}, torch {torch.__version__}; median of {args.repeats} interleaved repeats.",
         "",
-        "| measured | median time (s) | per batch (s) | all repeats (s) |",
-        "|---|---|---|---|",
-        *(f"| {name} | {statistics.median(values):.2f} | {statistics.median(values) / args.batches:.3f} | "
-          f"{', '.join(f'{v:.2f}' for v in values)} |" for name, values in times.items()),
-        "",
-        f"Ratio conversion / plain eval forwards: **{ratio:.3f}** (limit {LIMIT}: "
-        f"{'met' if ratio <= LIMIT else 'NOT met'}).",
+        f"| CPU threads | plain eval forwards, median (s) | BN conversion, median (s) | ratio (limit {LIMIT}) "
+        "| all repeats (s) |",
+        "|---|---|---|---|---|",
+        *rows,
         "",
         f"Command: `{command}`",
     ])
     print(table)
     if not args.no_doc:
-        DOC.write_text(DOC_HEADER + table + "\n")
+        DOC.write_text(DOC_HEADER + table + "\n" + DOC_FOOTER)
         print(f"written to {DOC}")
-    if ratio > LIMIT:
-        raise SystemExit(f"BN conversion costs {ratio:.2f}x the plain eval forwards (limit {LIMIT}x)")
+    if failed:
+        raise SystemExit(f"BN conversion over {LIMIT}x the plain eval forwards: {', '.join(failed)}")
 
 
 DOC_HEADER = """# BN conversion cost
@@ -106,10 +118,19 @@ that of the eval forwards plus a little; `benchmarks/bn_conversion.py` checks it
 1.2x of the plain eval forwards over the same batches, measured side by side in one run
 (interleaved repeats, medians).
 
-CPU only: no GPU was available when this table was measured. The machine is shared (other
-jobs were running), which is why the two measurements are interleaved and the ratio, not the
-absolute time, is the figure to read.
+CPU only: no GPU was available in this session, so there is no GPU figure. The machine (2
+cores) was shared with other jobs, which is why the two measurements are interleaved and the
+ratio, not the absolute time, is the figure to read.
 
+"""
+
+DOC_FOOTER = """
+On an oversubscribed host (more runnable threads than cores, as here while other jobs ran),
+every multi-threaded op waits for its descheduled OpenMP partner thread: a 2-thread eval
+forward then takes several times longer than a 1-thread one, and the cost grows with the
+*number* of ops rather than their size. The statistics add three full-size ops per BN layer
+(`channel_moments`), so under such contention their share grows; the 1-thread row measures
+the arithmetic the conversion adds.
 """
 
 
