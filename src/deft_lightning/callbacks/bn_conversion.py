@@ -172,9 +172,10 @@ class BNConversion(Callback):
     """Algorithm 1 once, at the start of training, on ``num_batches`` training batches.
 
     Images (the ``image`` entry of the library's dict batches) come from the trainer's train
-    dataloader (a fresh pass; under DDP each rank's own shard) and go through the task's ``inference_net()`` in eval mode, with the trainer's
-    precision (input conversion and autocast). The layers converted are the BN layers of the
-    task's ``bn_conversion_modules()`` when it has that hook, else of the whole
+    dataloader (a fresh pass; under DDP each rank's own shard) and go through the task's
+    ``inference_net()`` in eval mode, with the trainer's precision (input conversion and
+    autocast). The layers converted are the BN layers of the task's
+    ``bn_conversion_modules()`` when it has that hook, else of the whole
     ``inference_net()``. The global CPU RNG is saved and restored around the pass, so the
     training sampler's shuffle (and fresh workers' seeds) are the same as without conversion;
     an augmentation generator that lives on across passes (in the main process with
