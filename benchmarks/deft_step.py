@@ -9,6 +9,9 @@ authors' code. Peak memory is measured per method in a fresh subprocess (see ``m
 The table goes between the DeFT markers of docs/benchmarks.md with ``--write``.
 
     python benchmarks/deft_step.py --write
+
+Times are the process's CPU time by default (``--clock``): on a CPU shared with other jobs wall
+time measures the neighbours as much as the step.
 """
 
 from __future__ import annotations
@@ -70,10 +73,16 @@ def train_step(task, optimizer, images, masks, autocast: bool = False) -> None:
         ema_update(pairs)
 
 
+#: ``cpu``: CPU time of this process (all its threads), robust on a machine shared with other jobs
+#: (with one thread it equals the wall time of an idle machine); ``wall``: elapsed time.
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+clock = CLOCKS["cpu"]
+
+
 def timed(fn, *args, **kwargs) -> float:
-    start = time.perf_counter()
+    start = clock()
     fn(*args, **kwargs)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def alternate(fns: dict, steps: int, warmup: int) -> dict[str, float]:
@@ -87,28 +96,23 @@ def alternate(fns: dict, steps: int, warmup: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def deft_breakdown(task, optimizer, images, masks, steps: int) -> dict[str, float]:
-    """Median seconds of each part of a DeFT stage-2 step (the parts of ``DeFT.training_loss``)."""
-    criterion = task.criterion
-    parts: dict[str, list[float]] = {k: [] for k in ("pathway 1 forward (e1 → d~1)",
-                                                     "pathway 2 forward (e~2 no graph → d2)",
-                                                     "backward", "optimizer step", "EMA update")}
-    names = list(parts)
+def step_breakdown(task, optimizer, images, masks, steps: int) -> dict[str, float]:
+    """Median seconds of each part of a step: for DeFT the two pathways of ``DeFT.training_loss``."""
+    criterion, deft = task.criterion, isinstance(task, DeFT)
+    forwards = ({"pathway 1 forward (e1 → d~1)": ("adaptive_encoder", "retentive_decoder"),
+                 "pathway 2 forward (e~2, no graph → d2)": ("retentive_encoder", "adaptive_decoder")}
+                if deft else {"forward": None})
+    parts: dict[str, list[float]] = {k: [] for k in [*forwards, "backward", "optimizer step", "EMA update"]}
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        loss1 = criterion(task.pair("adaptive_encoder", "retentive_decoder")(images), masks)
-        t1 = time.perf_counter()
-        loss2 = criterion(task.pair("retentive_encoder", "adaptive_decoder")(images), masks)
-        t2 = time.perf_counter()
-        (loss1 + loss2).backward()
-        t3 = time.perf_counter()
-        optimizer.step()
-        t4 = time.perf_counter()
-        ema_update(task.ema_pairs())
-        t5 = time.perf_counter()
-        for name, elapsed in zip(names, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
-            parts[name].append(elapsed)
+        losses = []
+        for name, pair in forwards.items():
+            start = clock()
+            losses.append(criterion((task.pair(*pair) if pair else task.net)(images), masks))
+            parts[name].append(clock() - start)
+        parts["backward"].append(timed(sum(losses).backward))
+        parts["optimizer step"].append(timed(optimizer.step))
+        parts["EMA update"].append(timed(ema_update, task.ema_pairs()))
     return {name: statistics.median(values) for name, values in parts.items()}
 
 
@@ -158,8 +162,9 @@ def run(args: argparse.Namespace) -> str:
     torch.manual_seed(0)
     lines = [f"Measured with `{args.command}` on {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-             f"load average {os.getloadavg()[0]:.1f} at the start (the machine is shared). No GPU was "
-             "available in this session. Medians over alternating steps after warm-up steps.", ""]
+             f"load average {os.getloadavg()[0]:.1f} at the start (the machine is shared), times are "
+             f"{'process CPU time' if args.clock == 'cpu' else 'wall-clock time'}. No GPU was available in "
+             "this session. Medians over alternating steps after warm-up steps.", ""]
     lines += ["| net | joint step (s) | DeFT stage-2 step (s) | DeFT / joint | EMA fused (ms) | EMA per-param loop (ms) "
               "| EMA fused / DeFT step | peak memory DeFT / joint |", "|---|---|---|---|---|---|---|---|"]
     breakdowns, memories = {}, {}
@@ -174,7 +179,8 @@ def run(args: argparse.Namespace) -> str:
         pairs = deft.ema_pairs()
         ema = alternate({"fused": lambda: ema_update(pairs), "loop": lambda: per_parameter_ema(pairs)},
                         args.ema_reps, 2)
-        breakdowns[name] = deft_breakdown(deft, deft_optimizer, images, masks, args.steps)
+        breakdowns[name] = {"joint": step_breakdown(joint, joint_optimizer, images, masks, args.steps),
+                            "deft": step_breakdown(deft, deft_optimizer, images, masks, args.steps)}
         memories[name] = {m: measure_memory(m, name, args.memory_steps, args.threads) for m in ("joint", "deft")}
         memory_ratio = memories[name]["deft"]["training_mib"] / memories[name]["joint"]["training_mib"]
         lines.append(f"| {setup['label']} | {medians['joint']:.3f} | {medians['deft']:.3f} | "
@@ -182,11 +188,14 @@ def run(args: argparse.Namespace) -> str:
                      f"{1e3 * ema['loop']:.1f} | {100 * ema['fused'] / medians['deft']:.1f} % | "
                      f"**{memory_ratio:.2f}** |")
         print(lines[-1], flush=True)
-    lines += ["", "Where a DeFT stage-2 step's time goes (medians, seconds):", ""]
-    lines += ["| part | " + " | ".join(SETUPS[n]["label"] for n in args.setups) + " |",
-              "|---|" + "---|" * len(args.setups)]
-    for part in next(iter(breakdowns.values())):
-        lines.append(f"| {part} | " + " | ".join(f"{breakdowns[n][part]:.3f}" for n in args.setups) + " |")
+    lines += ["", "Where the time goes (medians, seconds; the parts timed one by one):", "",
+              "| net | method | part | seconds | share of the joint step |", "|---|---|---|---|---|"]
+    for name in args.setups:
+        joint_total = sum(breakdowns[name]["joint"].values())
+        for method in ("joint", "deft"):
+            for part, seconds in breakdowns[name][method].items():
+                lines.append(f"| {SETUPS[name]['label']} | {method} | {part} | {seconds:.3f} | "
+                             f"{100 * seconds / joint_total:.0f} % |")
     lines += ["", "Peak memory (MiB; resident set of a fresh process per method: peak over model build + "
               f"{args.memory_steps} steps (VmHWM) minus the resident set after imports; weights = fp32 parameter bytes):", "",
               "| net | method | weights | training peak above imports |", "|---|---|---|---|"]
@@ -222,7 +231,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--steps", type=int, default=7, help="measured steps per method")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="cpu", help="what a time is (see CLOCKS)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
     parser.add_argument("--ema-reps", type=int, default=20)
     parser.add_argument("--memory-steps", type=int, default=3)
@@ -231,6 +241,8 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="write the section of docs/benchmarks.md")
     parser.add_argument("--memory-probe", nargs=2, metavar=("METHOD", "SETUP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global clock
+    clock = CLOCKS[args.clock]
     if args.memory_probe:
         print(json.dumps(memory_probe(*args.memory_probe, args.memory_steps, args.threads)))
         return
