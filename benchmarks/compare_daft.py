@@ -99,6 +99,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     os.chdir(args.out)  # configs/lpft.yaml finds the LP run at runs/lp/checkpoints/last.ckpt from here
     results_file = args.out / "results.json"
