@@ -130,7 +130,7 @@ LP-FT and integrated LP-FT (their Table 5), each from its config in `configs/` w
 overrides: Unet + ImageNet MobileNetV2 (`imagenet-offline`), SGD, poly schedule, seed 0, the
 synthetic `clear` domain for training (batch 8, 128x256), {steps} optimizer steps per run (LP-FT:
 {steps} of LP, then {steps} of FT from the LP weights), BN conversion on {batches} training
-batches where it is on, precision {precision}, {threads} CPU threads (torch {torch}), no GPU. The
+batches where it is on, precision {precision}, CPU threads: {threads} (torch {torch}), no GPU. The
 *final* model of each run is tested on {eval_images} held-out images per domain: `clear` (source)
 and the five other synthetic domains (targets). No validation during training, so nothing was
 selected on any domain. Learning rates are the configs' a-priori values (FT 0.01; LP head 0.01;
@@ -143,8 +143,9 @@ mIoU (%) per domain, final model:
 """
 
 DOC_FOOTER = """
-Reading: one seed, short CPU runs on procedural data; differences of a point or two are within
-what another seed would change. These numbers say the methods run end to end from their
+Reading: one seed and short CPU runs on procedural data; seed-to-seed variation was not
+measured, so small differences may not be meaningful. LP-FT's fit time is its FT stage only.
+These numbers say the methods run end to end from their
 configs and how they compare in this small setting, not how they compare on real
 benchmarks (the paper's segmentation results are in-distribution Cityscapes/VOC numbers,
 METHODS.md section 3).
