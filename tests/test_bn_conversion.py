@@ -185,6 +185,7 @@ def test_resume_after_conversion_does_not_convert_again(tmp_path, tiny_data_kwar
         assert torch.equal(value, resumed.state_dict()[key]), key
 
 
+@pytest.mark.slow  # two processes start and import everything: ~45 s on the 2-core CPU
 def test_two_process_ddp_converts_identically_and_equals_single_process_on_the_union(tmp_path):
     """Each rank converts from its own shard; the reduced statistics are those of all shards."""
     sys.path.insert(0, str(SCRIPTS))
