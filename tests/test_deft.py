@@ -274,6 +274,7 @@ def test_l2sp_penalty_is_the_squared_distance_to_the_stage_two_start():
     torch.testing.assert_close(weight.grad, torch.full_like(weight, 0.02), rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.slow  # two fresh processes importing torch + Lightning: ~25 s on the 2-core CPU
 def test_two_process_ddp_keeps_retentive_components_identical(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPTS / "ddp_deft.py"), str(tmp_path)], capture_output=True,
                             text=True, timeout=300)
