@@ -43,8 +43,12 @@ SETUPS = {
     "r50": {"label": "DeepLabV3+ ResNet-50 (OS 16), batch 2, 256x256", "batch": 2, "size": (256, 256),
             "net": {"arch": "DeepLabV3Plus", "encoder_name": "resnet50",
                     "arch_kwargs": {"encoder_output_stride": 16, "decoder_atrous_rates": [6, 12, 18]}}},
-    "demo": {"label": "Unet MobileNetV2, batch 8, 128x256", "batch": 8, "size": (128, 256),
+    "unet": {"label": "Unet MobileNetV2 (smp decoder 256..16), batch 8, 128x256", "batch": 8, "size": (128, 256),
              "net": {"arch": "Unet", "encoder_name": "mobilenet_v2"}},
+    # The demo net of configs/trainer/demo.yaml: the lighter Unet decoder.
+    "demo": {"label": "demo net: Unet MobileNetV2 (decoder 128..16), batch 8, 128x256", "batch": 8,
+             "size": (128, 256), "net": {"arch": "Unet", "encoder_name": "mobilenet_v2",
+                                         "arch_kwargs": {"decoder_channels": [128, 64, 32, 16, 16]}}},
 }
 
 
