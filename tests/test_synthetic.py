@@ -69,6 +69,8 @@ def test_any_size_divisible_by_32(size):
 def test_size_not_divisible_by_32_is_rejected():
     with pytest.raises(ValueError, match="multiples of 32"):
         render_scene(0, SOURCE_DOMAIN, 0, 100, 256)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        SyntheticDomainDataset(SOURCE_DOMAIN, length=4, size=(128, 250))
 
 
 def test_unknown_domain_lists_the_known_ones():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -62,8 +63,9 @@ _PAINTS = {
     "bus": np.array([(225, 175, 40), (200, 40, 40), (230, 230, 230), (40, 110, 170)], np.float32),
 }
 
-# Texture fields: fine grain, smooth stains, foliage blobs, horizontal courses, vertical slats,
-# paving grid. Each material mixes them with these weights (a relative brightness modulation).
+# Texture fields: grain (at a two-pixel scale, so mild blur weakens but does not erase it),
+# stains, foliage blobs, horizontal courses, vertical slats, paving grid. Each material mixes
+# them with these weights (a relative brightness modulation).
 _TEXTURES = {
     "road": (0.18, 0.12, 0, 0, 0, 0), "marking": (0.05, 0.05, 0, 0, 0, 0),
     "sidewalk": (0.05, 0.06, 0, 0, 0, 0.45), "building": (0.05, 0.15, 0, 0.18, 0, 0),
@@ -71,7 +73,7 @@ _TEXTURES = {
     "fence": (0.03, 0.03, 0, 0, 0.55, 0), "pole": (0.04, 0, 0, 0, 0, 0),
     "vegetation": (0.1, 0.08, 0.5, 0, 0, 0), "trunk": (0.1, 0, 0, 0, 0.2, 0),
     "terrain": (0.3, 0.18, 0, 0, 0, 0), "sky": (0, 0.15, 0, 0, 0, 0),
-    "car": (0.02, 0.04, 0, 0, 0, 0), "truck": (0.03, 0.06, 0, 0, 0, 0), "bus": (0.03, 0.05, 0, 0, 0, 0),
+    "car": (0.02, 0.04, 0, 0, 0, 0), "truck": (0.03, 0.06, 0, 0, 0.25, 0), "bus": (0.03, 0.05, 0, 0, 0, 0),
 }
 _TEXTURE_WEIGHTS = np.zeros((len(MATERIALS), 6), np.float32)
 for _name, _weights in _TEXTURES.items():
@@ -109,22 +111,22 @@ class DomainStyle:
     snow: float = 0.0  # snow cover on the ground, 0..1
     flakes: float = 0.0  # falling snow, flakes per 100 pixels
     noise: float = 0.01  # sensor noise std (image in 0..1)
-    blur: int = 0  # box-blur radius in pixels at height 128
+    blur: float = 0.0  # softness: weight of a 3x3 box blur (wider for larger images) mixed in
 
 
 DOMAIN_STYLES: dict[str, DomainStyle] = {
     "clear": DomainStyle(),
     "dusk": DomainStyle(
-        sky_top=(60, 50, 110), sky_horizon=(240, 150, 90), ambient=0.55, light_gradient=0.35,
+        sky_top=(60, 50, 110), sky_horizon=(240, 150, 90), ambient=0.65, light_gradient=0.35,
         lights=0.25, tint=(1.2, 0.85, 0.7), contrast=1.1, noise=0.02,
     ),
     "fog": DomainStyle(
         sky_top=(195, 195, 200), sky_horizon=(205, 205, 210), ambient=0.9, light_gradient=0.05,
-        saturation=0.75, fog=(0.1, 0.18), texture_gain=0.8, noise=0.015, blur=1,
+        saturation=0.75, fog=(0.15, 0.25), texture_gain=0.8, noise=0.015, blur=0.6,
     ),
     "night": DomainStyle(
-        sky_top=(5, 8, 20), sky_horizon=(30, 30, 50), ambient=0.45, light_gradient=0.0,
-        lights=1.0, tint=(0.9, 0.95, 1.2), saturation=0.7, fog_colour=(20, 20, 30), noise=0.03, blur=1,
+        sky_top=(5, 8, 20), sky_horizon=(30, 30, 50), ambient=0.65, light_gradient=0.0,
+        lights=1.0, tint=(0.9, 0.95, 1.2), saturation=0.7, fog_colour=(20, 20, 30), noise=0.03, blur=0.3,
     ),
     "snow": DomainStyle(
         palette={"vegetation": (70, 90, 70), "terrain": (150, 155, 140)},
@@ -144,6 +146,16 @@ DOMAINS: tuple[str, ...] = tuple(DOMAIN_STYLES)
 
 
 SKY_DEPTH = 40.0  # fog veils the sky like a scene this deep (the distant skyline is at 25)
+
+
+class _Street(NamedTuple):
+    """Columns where the ground lines reach the last row, and the vanishing point column."""
+
+    road_left: float
+    road_right: float
+    walk_left: float
+    walk_right: float
+    vx: float
 
 
 @dataclass
@@ -306,9 +318,9 @@ def _layout(rng: np.random.Generator, height: int, width: int) -> _Layout:
     for _ in range(rng.integers(0, 3)):
         objects.append((horizon + ground * rng.uniform(0.15, 0.9), _draw_tree))
     objects.sort(key=lambda item: item[0])
-    edges = (road_left, road_right, walk_left, walk_right, vx)
+    street = _Street(road_left, road_right, walk_left, walk_right, vx)
     for base_row, draw in objects:
-        draw(canvas, rng, base_row, edges)
+        draw(canvas, rng, base_row, street)
     return _Layout(canvas.labels, canvas.region, canvas.materials, canvas.depth, horizon)
 
 
@@ -316,16 +328,19 @@ def _ground_x(canvas: _Canvas, vx: float, bottom_x: float, base_row: float) -> f
     return vx + (base_row - canvas.horizon) / (canvas.height - canvas.horizon) * (bottom_x - vx)
 
 
-def _on_sidewalk(canvas: _Canvas, rng: np.random.Generator, base_row: float, edges, near_road: bool) -> float:
+def _on_sidewalk(canvas: _Canvas, rng: np.random.Generator, base_row: float, street: _Street,
+                 near_road: bool) -> float:
     """A random column on either sidewalk at ``base_row`` (close to the kerb if ``near_road``)."""
-    road_left, road_right, walk_left, walk_right, vx = edges
-    kerb, outer = (road_left, walk_left) if rng.random() < 0.5 else (road_right, walk_right)
+    if rng.random() < 0.5:
+        kerb, outer = street.road_left, street.walk_left
+    else:
+        kerb, outer = street.road_right, street.walk_right
     u = rng.uniform(0.05, 0.2) if near_road else rng.uniform(0.1, 0.9)
-    return _ground_x(canvas, vx, kerb + u * (outer - kerb), base_row)
+    return _ground_x(canvas, street.vx, kerb + u * (outer - kerb), base_row)
 
 
-def _draw_vehicle(canvas: _Canvas, rng: np.random.Generator, base_row: float, edges) -> None:
-    road_left, road_right, _, _, vx = edges
+def _draw_vehicle(canvas: _Canvas, rng: np.random.Generator, base_row: float, street: _Street) -> None:
+    road_left, road_right, vx = street.road_left, street.road_right, street.vx
     scale = base_row - canvas.horizon
     left, right = _ground_x(canvas, vx, road_left, base_row), _ground_x(canvas, vx, road_right, base_row)
     depth = canvas.base_depth(base_row)
@@ -367,11 +382,11 @@ def _draw_vehicle(canvas: _Canvas, rng: np.random.Generator, base_row: float, ed
         canvas.paint_box(label, tyre, base_row - 0.1 * height, base_row, tx, tx + 0.15 * width, depth)
 
 
-def _draw_person(canvas: _Canvas, rng: np.random.Generator, base_row: float, edges) -> None:
+def _draw_person(canvas: _Canvas, rng: np.random.Generator, base_row: float, street: _Street) -> None:
     height = (base_row - canvas.horizon) * rng.uniform(0.95, 1.25)
     if height < 6:
         return
-    x = _on_sidewalk(canvas, rng, base_row, edges, near_road=False)
+    x = _on_sidewalk(canvas, rng, base_row, street, near_road=False)
     depth, half = canvas.base_depth(base_row), 0.13 * height
     head = 0.09 * height
     canvas.paint_box(PERSON, canvas.new_region("skin"), base_row - height, base_row - height + 2 * head,
@@ -384,12 +399,12 @@ def _draw_person(canvas: _Canvas, rng: np.random.Generator, base_row: float, edg
         canvas.paint_box(PERSON, legs, base_row - 0.47 * height, base_row, leg_x, leg_x + 0.8 * half, depth)
 
 
-def _draw_pole(canvas: _Canvas, rng: np.random.Generator, base_row: float, edges) -> None:
+def _draw_pole(canvas: _Canvas, rng: np.random.Generator, base_row: float, street: _Street) -> None:
     scale = base_row - canvas.horizon
     height = scale * rng.uniform(2.4, 3.5)
     if height < 8:
         return
-    x = _on_sidewalk(canvas, rng, base_row, edges, near_road=True)
+    x = _on_sidewalk(canvas, rng, base_row, street, near_road=True)
     depth, half = canvas.base_depth(base_row), max(1.0, 0.05 * scale)
     canvas.paint_box(POLE, canvas.new_region("pole"), base_row - height, base_row, x - half, x + half, depth)
     attachment = rng.random()
@@ -411,13 +426,12 @@ def _draw_pole(canvas: _Canvas, rng: np.random.Generator, base_row: float, edges
         canvas.paint_box(POLE, canvas.new_region("lamp"), top, top + 0.06 * height, x - 4 * half, x + half, depth)
 
 
-def _draw_tree(canvas: _Canvas, rng: np.random.Generator, base_row: float, edges) -> None:
+def _draw_tree(canvas: _Canvas, rng: np.random.Generator, base_row: float, street: _Street) -> None:
     scale = base_row - canvas.horizon
     if scale < 4:
         return
-    road_left, road_right, walk_left, walk_right, vx = edges
-    outer = walk_left if rng.random() < 0.5 else walk_right
-    x = _ground_x(canvas, vx, outer, base_row)
+    outer = street.walk_left if rng.random() < 0.5 else street.walk_right
+    x = _ground_x(canvas, street.vx, outer, base_row)
     depth = canvas.base_depth(base_row)
     trunk_half = max(0.5, 0.06 * scale)
     canvas.paint_box(VEGETATION, canvas.new_region("trunk"), base_row - 1.6 * scale, base_row,
@@ -440,7 +454,7 @@ def _bilinear_weights(size: int, cell: int) -> tuple[np.ndarray, np.ndarray]:
     """Lower grid index and fractional weight of each of ``size`` pixels on a grid of ``cell`` pixels."""
     position = np.arange(size, dtype=np.float32) / cell
     index = position.astype(np.intp)
-    return index, position - index
+    return index, position - index.astype(np.float32)
 
 
 def _smooth_noise(rng: np.random.Generator, height: int, width: int, cell: int) -> np.ndarray:
@@ -455,8 +469,14 @@ def _box_blur(image: np.ndarray, radius: int) -> np.ndarray:
     """Box blur over the last two axes, edges replicated."""
     height, width = image.shape[-2:]
     padded = np.pad(image, [(0, 0)] * (image.ndim - 2) + [(radius, radius)] * 2, mode="edge")
-    rows = sum(padded[..., shift:shift + height, :] for shift in range(2 * radius + 1))
-    return sum(rows[..., shift:shift + width] for shift in range(2 * radius + 1)) / (2 * radius + 1) ** 2
+    rows = padded[..., :height, :].copy()  # in-place sums: few large temporaries
+    for shift in range(1, 2 * radius + 1):
+        rows += padded[..., shift:shift + height, :]
+    blurred = rows[..., :width].copy()
+    for shift in range(1, 2 * radius + 1):
+        blurred += rows[..., shift:shift + width]
+    blurred /= (2 * radius + 1) ** 2
+    return blurred
 
 
 @lru_cache(maxsize=8)
@@ -498,7 +518,7 @@ def _render_style(layout: _Layout, style: DomainStyle, rng: np.random.Generator)
     image = np.where(material_map == _M["sky"], sky, image)
 
     # Texture: a per-material mix of random and regular fields modulates brightness.
-    grain = _uniform_bytes(rng, (height, width))
+    grain = _smooth_noise(rng, height, width, max(1, height // 64))
     fields = np.concatenate([
         grain[None],
         _smooth_noise(rng, height, width, max(2, height // 16))[None],
@@ -541,7 +561,7 @@ def _render_style(layout: _Layout, style: DomainStyle, rng: np.random.Generator)
         for dy, dx in ((0, 0), (1, 0), (0, 1), (1, 1)):
             image[:, y + dy, x + dx] = 0.5 * image[:, y + dy, x + dx] + 0.47
     if style.blur:
-        image = _box_blur(image, max(1, round(style.blur * height / 128)))
+        image += style.blur * (_box_blur(image, max(1, round(height / 128))) - image)
     # Uniform sensor noise with standard deviation ``style.noise``.
     image += (style.noise * 3**0.5) * _uniform_bytes(rng, image.shape)
     planes = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
@@ -562,20 +582,22 @@ def _uniform_bytes(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarr
     return raw.astype(np.float32) * (2 / 255) - 1
 
 
-def _check_domain(domain: str) -> DomainStyle:
+def _check_arguments(domain: str, height: int, width: int) -> DomainStyle:
     if domain not in DOMAIN_STYLES:
         raise ValueError(f"unknown synthetic domain {domain!r}; known domains: {', '.join(DOMAINS)}")
+    if height % 32 or width % 32 or height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive multiples of 32, got {height}x{width}")
     return DOMAIN_STYLES[domain]
 
 
 def render_scene(seed: int, domain: str, index: int, height: int = 128, width: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Image ``index`` of ``domain``: (uint8 (H, W, 3) RGB, uint8 (H, W) train ids).
+    """Image ``index`` (>= 0) of ``domain``: (uint8 (H, W, 3) RGB, uint8 (H, W) train ids).
 
     A pure function of its arguments; the mask does not depend on ``domain``.
     """
-    style = _check_domain(domain)
-    if height % 32 or width % 32 or height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive multiples of 32, got {height}x{width}")
+    style = _check_arguments(domain, height, width)
+    # Independent streams for layout and style; crc32 keeps the domain's seed stable across
+    # processes (Python's str hash is salted per process).
     layout = _layout(np.random.default_rng([seed, index, 0]), height, width)
     style_rng = np.random.default_rng([seed, index, 1, zlib.crc32(domain.encode())])
     return _render_style(layout, style, style_rng), layout.labels
@@ -593,7 +615,7 @@ class SyntheticDomainDataset(Dataset):
         first_index: int = 0,
         transform: Transform | None = None,
     ):
-        _check_domain(domain)
+        _check_arguments(domain, *size)
         self.domain, self.length, self.seed = domain, length, seed
         self.size, self.first_index, self.transform = size, first_index, transform
 
