@@ -5,9 +5,12 @@ library's LightningCLI parser with the same overrides: the same seed, data, numb
 evaluation. Each run trains on the synthetic ``clear`` domain and the *final* model (as in the
 paper) is tested on the held-out ``clear`` split and on every other synthetic domain. LP-FT's
 FT stage starts from the LP run's last checkpoint, so LP-FT trains for twice the steps in all.
-No validation during training, so nothing is selected on any domain.
+No validation during training, so nothing is selected on any domain. With ``--seeds 0 1 2``
+every row is run once per training seed (``seed_everything``; the synthetic images stay the
+same) and each cell is the mean ± sample standard deviation over the seeds; the on/off
+differences are paired by seed.
 
-    python benchmarks/compare_daft.py --steps 150 --out runs/compare_daft
+    python benchmarks/compare_daft.py --steps 150 --seeds 0 1 2 --out runs/compare_daft
 
 Writes the per-domain mIoU table and the BN conversion on/off differences to
 docs/results_daft.md (``--no-doc``: print only).
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,11 +48,12 @@ def slug(row: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in row.split(" (")[0].lower()).replace("__", "_")
 
 
-def run(row: str, configs: list[str], args: argparse.Namespace) -> dict[str, float]:
+def run(row: str, configs: list[str], seed: int, args: argparse.Namespace) -> dict[str, float]:
     """Fit one row from its configs, then test its final model; returns the test metrics."""
     from deft_lightning.cli import lightning_cli
 
     overrides = [
+        f"--seed_everything={seed}",
         "--trainer.accelerator=cpu", "--trainer.devices=1", f"--trainer.precision={args.precision}",
         f"--trainer.max_steps={args.steps}", "--trainer.limit_val_batches=0", "--trainer.logger=false",
         "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir=runs/{slug(row)}",
@@ -64,23 +69,38 @@ def run(row: str, configs: list[str], args: argparse.Namespace) -> dict[str, flo
     return {**{key: float(value) for key, value in metrics.items()}, "fit_seconds": seconds}
 
 
-def table(results: dict[str, dict[str, float]]) -> str:
-    domains = [key.split("/")[1] for key in next(iter(results.values())) if key.endswith("/mIoU")]
+def mean_std(values: list[float]) -> str:
+    """``mean`` for one value, ``mean ± sample std`` for several."""
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def table(results: dict[str, list[dict[str, float]]]) -> str:
+    """One row per method, cells over its seeds; then the BN conversion on − off pairs."""
+    domains = [key.split("/")[1] for key in results[next(iter(results))][0] if key.endswith("/mIoU")]
     lines = ["| method | " + " | ".join(f"{d} (source)" if d == "clear" else d for d in domains)
-             + " | mean over targets | fit time (s) |",
-             "|---|" + "---|" * (len(domains) + 2)]
-    for row, metrics in results.items():
-        cells = [f"{100 * metrics[f'test/{d}/mIoU']:.1f}" for d in domains]
+             + " | mean over targets | seeds | fit time (s) |",
+             "|---|" + "---|" * (len(domains) + 3)]
+    for row, runs in results.items():
+        cells = [mean_std([100 * m[f"test/{d}/mIoU"] for m in runs]) for d in domains]
         lines.append(f"| {row} | " + " | ".join(cells)
-                     + f" | **{100 * metrics['test/mIoU_mean']:.1f}** | {metrics['fit_seconds']:.0f} |")
-    lines += ["", "BN conversion on minus off (mIoU points):", "",
+                     + f" | **{mean_std([100 * m['test/mIoU_mean'] for m in runs])}** | {len(runs)}"
+                     + f" | {statistics.mean(m['fit_seconds'] for m in runs):.0f} |")
+    lines += ["", "BN conversion on minus off (mIoU points, paired by seed):", "",
               "| pair | source (clear) | mean over targets |", "|---|---|---|"]
     for off, on in PAIRS:
         if off in results and on in results:
-            source = 100 * (results[on]["test/clear/mIoU"] - results[off]["test/clear/mIoU"])
-            target = 100 * (results[on]["test/mIoU_mean"] - results[off]["test/mIoU_mean"])
-            lines.append(f"| {on} vs {off} | {source:+.1f} | {target:+.1f} |")
+            pairs = list(zip(results[off], results[on]))
+            source = [100 * (b["test/clear/mIoU"] - a["test/clear/mIoU"]) for a, b in pairs]
+            target = [100 * (b["test/mIoU_mean"] - a["test/mIoU_mean"]) for a, b in pairs]
+            lines.append(f"| {on} vs {off} | {signed(source)} | {signed(target)} |")
     return "\n".join(lines)
+
+
+def signed(values: list[float]) -> str:
+    text = mean_std(values)
+    return text if text.startswith("-") else "+" + text
 
 
 def main() -> None:
@@ -91,6 +111,7 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare_daft")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds, one run each")
     parser.add_argument("--rows", nargs="*", default=list(ROWS), help="a subset of the rows, by name")
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
@@ -100,23 +121,28 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     args.out = args.out.resolve()
-    args.out.mkdir(parents=True, exist_ok=True)
-    os.chdir(args.out)  # configs/lpft.yaml finds the LP run at runs/lp/checkpoints/last.ckpt from here
-    results_file = args.out / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    for row in args.rows:
-        if row in results:
-            print(f"{row}: done before, kept", flush=True)
-            continue
-        results[row] = run(row, ROWS[row], args)
-        results_file.write_text(json.dumps(results, indent=1))
-        print(f"{row}: test mIoU mean over targets {100 * results[row]['test/mIoU_mean']:.1f}", flush=True)
+    results: dict[str, list[dict[str, float]]] = {}
+    for seed in args.seeds:
+        seed_dir = args.out / f"seed{seed}"
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        os.chdir(seed_dir)  # configs/lpft.yaml finds this seed's LP run at runs/lp/checkpoints/last.ckpt
+        results_file = seed_dir / "results.json"
+        done = json.loads(results_file.read_text()) if results_file.exists() else {}
+        for row in args.rows:
+            if row in done:
+                print(f"{row}, seed {seed}: done before, kept", flush=True)
+            else:
+                done[row] = run(row, ROWS[row], seed, args)
+                results_file.write_text(json.dumps(done, indent=1))
+                print(f"{row}, seed {seed}: test mIoU mean over targets "
+                      f"{100 * done[row]['test/mIoU_mean']:.1f}", flush=True)
+            results.setdefault(row, []).append(done[row])
     ordered = {row: results[row] for row in ROWS if row in results}
     text = table(ordered)
     print(text)
     if not args.no_doc:
         command = "python benchmarks/compare_daft.py " + " ".join(sys.argv[1:])
-        DOC.write_text(DOC_HEADER.format(command=command, steps=args.steps, batches=args.conversion_batches,
+        DOC.write_text(DOC_HEADER.format(command=command, seeds=", ".join(map(str, args.seeds)), steps=args.steps, batches=args.conversion_batches,
                                          eval_images=args.eval_images, precision=args.precision,
                                          threads=args.threads, torch=torch.__version__)
                        + text + "\n" + DOC_FOOTER)
@@ -127,7 +153,7 @@ DOC_HEADER = """# DAFT and its baselines on the synthetic domains
 
 LP, FT, LP-FT and DAFT (Table 1 of Ha et al., AAAI 2024) and BN conversion on/off for FT,
 LP-FT and integrated LP-FT (their Table 5), each from its config in `configs/` with the same
-overrides: Unet + ImageNet MobileNetV2 (`imagenet-offline`), SGD, poly schedule, seed 0, the
+overrides: Unet + ImageNet MobileNetV2 (`imagenet-offline`), SGD, poly schedule, seeds {seeds}, the
 synthetic `clear` domain for training (batch 8, 128x256), {steps} optimizer steps per run (LP-FT:
 {steps} of LP, then {steps} of FT from the LP weights), BN conversion on {batches} training
 batches where it is on, precision {precision}, CPU threads: {threads} (torch {torch}), no GPU. The
@@ -143,8 +169,8 @@ mIoU (%) per domain, final model:
 """
 
 DOC_FOOTER = """
-Reading: one seed and short CPU runs on procedural data; seed-to-seed variation was not
-measured, so small differences may not be meaningful. LP-FT's fit time is its FT stage only.
+Reading: short CPU runs on procedural data; a difference smaller than the seed-to-seed
+standard deviations above is not meaningful. LP-FT's fit time is its FT stage only.
 These numbers say the methods run end to end from their
 configs and how they compare in this small setting, not how they compare on real
 benchmarks (the paper's segmentation results are in-distribution Cityscapes/VOC numbers,
