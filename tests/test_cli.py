@@ -1,7 +1,9 @@
 """The `deft-lightning` console script, as a user runs it."""
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,10 +11,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def deft_lightning(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    executable = shutil.which("deft-lightning") or str(Path(__import__("sys").executable).parent / "deft-lightning")
+def deft_lightning(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the console script as a user would (stdin closed; ``env`` added to the environment)."""
+    executable = shutil.which("deft-lightning") or str(Path(sys.executable).parent / "deft-lightning")
     return subprocess.run([executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
 
 
 def test_fit_joint_config_for_two_steps(tmp_path):

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch import Callback, Trainer
 from torch import nn
 
@@ -155,23 +154,3 @@ def test_table_5_overlays_parse_and_only_switch_bn_conversion():
         with_overlay, without = dict(parse(base, overlay).model.hparams), dict(parse(base).model.hparams)
         assert with_overlay.pop("bn_conversion") == conversion != without.pop("bn_conversion")
         assert with_overlay == without
-
-
-@pytest.mark.parametrize("step", [1, 2])
-def test_lr_sweep_configs_build_valid_cli_commands(step, monkeypatch):
-    """What `wandb agent` runs, ${args} expanded to --key=value, parses into the swept lrs."""
-    from deft_lightning.cli import lightning_cli
-
-    sweep = yaml.safe_load((ROOT / f"configs/sweeps/daft_lr_step{step}.yaml").read_text())
-    assert sweep["program"] == "deft-lightning" and sweep["method"] == "grid"
-    command = sweep["command"]
-    assert command[:3] == ["${env}", "${program}", "fit"] and command[-1] == "${args}"
-    swept = [key for key, spec in sweep["parameters"].items() if "values" in spec]
-    assert swept == [{1: "model.init_args.lr", 2: "model.init_args.decoder_lr"}[step]]
-    values = {key: spec["values"][-1] if "values" in spec else spec["value"]
-              for key, spec in sweep["parameters"].items()}
-    monkeypatch.chdir(ROOT)
-    cli = lightning_cli([*command[3:-1], *(f"--{key}={value}" for key, value in values.items())], run=False)
-    assert type(cli.trainer.logger).__name__ == "WandbLogger"
-    for key, value in values.items():
-        assert cli.model.hparams[key.rsplit(".", 1)[1]] == value
