@@ -22,6 +22,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset
 
+from .class_uniform import ClassUniformDataset, class_image_index
 from .datasets import build_dataset
 from .synthetic import DOMAINS, SOURCE_DOMAIN, SyntheticDomainDataset
 from .transforms import train_transform
@@ -45,11 +46,13 @@ class DatasetSpec:
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Lightning's worker seeding, plus albumentations' own generator (it ignores global seeds)."""
+    """Lightning's worker seeding, plus the generators that ignore global seeds: albumentations'
+    own, and the class-uniform draws."""
     pl_worker_init_function(worker_id)
-    transform = getattr(torch.utils.data.get_worker_info().dataset, "transform", None)
-    if transform is not None and hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(torch.initial_seed() % 2**32)
+    dataset = torch.utils.data.get_worker_info().dataset
+    target = dataset if hasattr(dataset, "set_random_seed") else getattr(dataset, "transform", None)
+    if target is not None and hasattr(target, "set_random_seed"):
+        target.set_random_seed(torch.initial_seed() % 2**32)
 
 
 class DGSegDataModule(LightningDataModule):
@@ -69,6 +72,11 @@ class DGSegDataModule(LightningDataModule):
         crop_size, scale_range, hflip_p, color_jitter, color_jitter_p, blur_p: training
             augmentation (see :func:`~deft_lightning.data.transforms.train_transform`);
             ``augment=False`` turns it off.
+        class_uniform_pct: fraction of training crops centred on a pixel of a uniformly drawn
+            class (RobustNet's class-uniform sampling: 0.5; :mod:`~deft_lightning.data.class_uniform`).
+            0 turns it off.
+        class_index_cache: JSON file caching which training images hold which classes (the scan
+            reads every mask once); ``None`` scans at every start.
         predict_root: a folder of images to predict on; ``None`` predicts on the first
             ``predict_per_domain`` images of every evaluation domain.
     """
@@ -94,6 +102,8 @@ class DGSegDataModule(LightningDataModule):
         color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
         color_jitter_p: float = 0.5,
         blur_p: float = 0.5,
+        class_uniform_pct: float = 0.0,
+        class_index_cache: str | None = None,
         shuffle: bool = True,
         predict_root: str | None = None,
         predict_per_domain: int = 4,
@@ -103,6 +113,10 @@ class DGSegDataModule(LightningDataModule):
         unknown = [d for d in [synthetic_source, *(synthetic_targets or [])] if d not in DOMAINS]
         if unknown:
             raise ValueError(f"unknown synthetic domain(s) {unknown}; known: {list(DOMAINS)}")
+        if not 0.0 <= class_uniform_pct <= 1.0:
+            raise ValueError(f"class_uniform_pct must be in [0, 1], got {class_uniform_pct}")
+        if class_uniform_pct > 0 and not augment:
+            raise ValueError("class_uniform_pct > 0 needs augment=True: the training crop is what centres on the class")
         self.train_set: Dataset | None = None
         self.eval_sets: dict[str, Dataset] = {}
         self._source_val_domain: str | None = None
@@ -135,13 +149,17 @@ class DGSegDataModule(LightningDataModule):
         return build_dataset(spec.name, spec.root, spec.split, domain=spec.domain,
                              transform=transform, **spec.options)
 
+    def _augmentation_seed(self) -> int:
+        """``seed`` plus the global rank: DDP ranks draw different crops and classes."""
+        return self.hparams.seed + (self.trainer.global_rank if self.trainer is not None else 0)
+
     def _train_transform(self):
         hp = self.hparams
         if not hp.augment:
             return None
         transform = train_transform(tuple(hp.crop_size), tuple(hp.scale_range), hp.hflip_p,
                                     tuple(hp.color_jitter), hp.color_jitter_p, hp.blur_p)
-        transform.set_random_seed(hp.seed)
+        transform.set_random_seed(self._augmentation_seed())
         return transform
 
     def _eval_sets(self) -> dict[str, Dataset]:
@@ -170,8 +188,14 @@ class DGSegDataModule(LightningDataModule):
         hp = self.hparams
         if stage == "fit" and self.train_set is None:
             transform = self._train_transform()
-            self.train_set = (self._synthetic(hp.synthetic_source, hp.synthetic_train_size, 0, transform)
-                              if self.uses_synthetic_source else self._from_spec(hp.source, transform))
+            train_set = (self._synthetic(hp.synthetic_source, hp.synthetic_train_size, 0, transform)
+                         if self.uses_synthetic_source else self._from_spec(hp.source, transform))
+            if hp.class_uniform_pct > 0:
+                class_images = class_image_index(train_set, cache_file=hp.class_index_cache,
+                                                 num_workers=hp.num_workers)
+                train_set = ClassUniformDataset(train_set, class_images, hp.class_uniform_pct,
+                                                seed=self._augmentation_seed())
+            self.train_set = train_set
         if stage in ("fit", "validate", "test"):
             self._eval_sets()
         if stage == "predict" and not self.predict_sets:

@@ -115,8 +115,17 @@ class SegmentationDataset(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict:
+        return self.sample(index)
+
+    def sample(self, index: int, **transform_args) -> dict:
+        """Item ``index``, with extra named inputs for the transform (e.g. ``crop_class``)."""
         image, mask = self.load(index)
-        return make_sample(image, mask, self.domain, self.pairs[index][0].stem, self.transform)
+        return make_sample(image, mask, self.domain, self.pairs[index][0].stem, self.transform, **transform_args)
+
+    def load_mask(self, index: int) -> np.ndarray | None:
+        """The train-id mask of pair ``index`` alone (no image decoded), before the transform."""
+        label_path = self.pairs[index][1]
+        return None if label_path is None else self.to_train_ids(self.read_ids(label_path), label_path)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         """The uint8 RGB image and uint8 train-id mask (``None`` if unlabelled) of pair ``index``,
@@ -344,6 +353,9 @@ class MapillaryDataset(SegmentationDataset):
         if self.size is None:
             return image, mask
         return resize_and_center_crop(image, mask, self.size)
+
+    def load_mask(self, index: int) -> np.ndarray | None:
+        return self.load(index)[1] if self.size is not None else super().load_mask(index)
 
 
 class SynthiaDataset(SegmentationDataset):

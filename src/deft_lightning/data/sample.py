@@ -34,14 +34,16 @@ def make_sample(
     domain: str,
     name: str,
     transform: Transform | None = None,
+    **transform_args,
 ) -> dict:
     """Apply an albumentations ``transform`` to uint8 ``image`` (H, W, 3) and ``mask`` (H, W),
     then convert to the sample dict. ``mask=None`` (predict on unlabelled images) yields an
-    all-ignore mask so batches keep one shape."""
+    all-ignore mask so batches keep one shape. ``transform_args`` are extra named inputs of the
+    transform (``crop_class`` for :class:`~deft_lightning.data.transforms.ClassCentredCrop`)."""
     if mask is None:
         mask = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
     if transform is not None:
-        out = transform(image=image, mask=mask)
+        out = transform(image=image, mask=mask, **transform_args)
         image, mask = out["image"], out["mask"]
     image_t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
     mask_t = torch.from_numpy(np.ascontiguousarray(mask)).long()

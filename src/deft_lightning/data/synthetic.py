@@ -623,8 +623,19 @@ class SyntheticDomainDataset(Dataset):
         return self.length
 
     def __getitem__(self, k: int) -> dict:
+        return self.sample(k)
+
+    def sample(self, k: int, **transform_args) -> dict:
+        """Scene ``k``, with extra named inputs for the transform (e.g. ``crop_class``)."""
+        image, mask = self.load(k)
+        return make_sample(image, mask, self.domain, f"{self.domain}_{self.first_index + k:06d}",
+                           self.transform, **transform_args)
+
+    def load(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The uint8 image and train-id mask of scene ``k``, before the transform."""
         if not 0 <= k < self.length:
             raise IndexError(f"index {k} out of range for {self.length} scenes")
-        index = self.first_index + k
-        image, mask = render_scene(self.seed, self.domain, index, *self.size)
-        return make_sample(image, mask, self.domain, f"{self.domain}_{index:06d}", self.transform)
+        return render_scene(self.seed, self.domain, self.first_index + k, *self.size)
+
+    def load_mask(self, k: int) -> np.ndarray:
+        return self.load(k)[1]

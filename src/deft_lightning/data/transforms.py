@@ -2,7 +2,9 @@
 
 Training: random scale, pad (image 0, mask 255) and random crop, horizontal flip, colour
 jitter (brightness, contrast, saturation, hue) with probability ``color_jitter_p``, and
-Gaussian blur. Evaluation: none (whole image at native resolution).
+Gaussian blur. The crop is a :class:`ClassCentredCrop`: random, or centred on a pixel of the
+class given as ``crop_class`` (class-uniform sampling, data/class_uniform.py). Evaluation: none
+(whole image at native resolution).
 
 Batch-level, in torch: :func:`lab_style_augmentation`, DeFT's LAB restyling (any task turns it
 on with ``style_augmentation=True``).
@@ -10,11 +12,36 @@ on with ``style_augmentation=True``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import albumentations as A
 import cv2
+import numpy as np
 import torch
 
 from .labels import IGNORE_INDEX
+
+
+class ClassCentredCrop(A.RandomCrop):
+    """``RandomCrop`` that, given ``crop_class=c`` with the data, centres the crop on a pixel of
+    class ``c`` drawn uniformly from the mask (clamped to stay inside the image), as RobustNet's
+    class-uniform crops do. Without ``crop_class`` (or if ``c`` is absent after scaling) it is
+    exactly ``RandomCrop``, drawing the same random numbers."""
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        crop_class = data.get("crop_class")
+        if crop_class is None:
+            return super().get_params_dependent_on_data(params, data)
+        ys, xs = np.nonzero(data["mask"] == crop_class)
+        if ys.size == 0:
+            return super().get_params_dependent_on_data(params, data)
+        height, width = params["shape"][:2]
+        if self.height > height or self.width > width:
+            raise ValueError(f"crop {self.height}x{self.width} exceeds the image {height}x{width}: pad first")
+        k = int(self.random_generator.integers(ys.size))
+        y_min = min(max(int(ys[k]) - self.height // 2, 0), height - self.height)
+        x_min = min(max(int(xs[k]) - self.width // 2, 0), width - self.width)
+        return {"crop_coords": (x_min, y_min, x_min + self.width, y_min + self.height), "pad_params": None}
 
 
 def train_transform(
@@ -37,7 +64,7 @@ def train_transform(
                           mask_interpolation=cv2.INTER_NEAREST, p=1.0),
             A.PadIfNeeded(min_height=height, min_width=width, border_mode=cv2.BORDER_CONSTANT,
                           fill=0, fill_mask=IGNORE_INDEX),
-            A.RandomCrop(height, width),
+            ClassCentredCrop(height, width),
             A.HorizontalFlip(p=hflip_p),
             A.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
                           p=color_jitter_p),
