@@ -1,8 +1,11 @@
 """DGSegDataModule: synthetic default, real-dataset entries, one eval loader per domain."""
 
+from types import SimpleNamespace
+
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from deft_lightning import DatasetSpec, DGSegDataModule
 from deft_lightning.data.synthetic import DOMAINS, SOURCE_DOMAIN
@@ -29,6 +32,20 @@ def test_training_batches_are_augmented_crops(tiny_data_kwargs):
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (2, 3, 32, 64) and batch["mask"].shape == (2, 32, 64)
     assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+
+
+@pytest.mark.parametrize("class_uniform_pct", [0.0, 0.5])
+def test_ddp_ranks_draw_different_augmentations(tiny_data_kwargs, class_uniform_pct):
+    """Each rank seeds its crops (and class draws) with seed + rank; equal seeds would give every
+    rank the same crop boxes and, with class-uniform sampling, the very same images."""
+    samples = []
+    for rank in (0, 1, 0):
+        dm = DGSegDataModule(**dict(tiny_data_kwargs, augment=True, crop_size=(32, 64),
+                                    class_uniform_pct=class_uniform_pct))
+        dm.trainer = SimpleNamespace(global_rank=rank)
+        dm.setup("fit")
+        samples.append(torch.stack([dm.train_set[i]["image"] for i in range(4)]))
+    assert torch.equal(samples[0], samples[2]) and not torch.equal(samples[0], samples[1])
 
 
 def write_folder(root, n, bad_mask=False):
