@@ -69,7 +69,8 @@ def test_offline_wandb_run_records_hparams_and_per_domain_metrics(tmp_path):
         "fit", "--config", str(ROOT / "configs/joint.yaml"), "--config", str(ROOT / "configs/logger/wandb.yaml"),
         f"--trainer.logger.init_args.save_dir={tmp_path / 'wandb'}", "--model.init_args.lr=0.003",
         "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
-        cwd=tmp_path, env={"WANDB_MODE": "offline"})
+        "--trainer.num_sanity_val_steps=0", "--data.init_args.synthetic_image_size=[64,128]",
+        "--data.init_args.crop_size=[64,128]", cwd=tmp_path, env={"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-4000:]
     (run_file,) = (tmp_path / "wandb/wandb").glob("offline-run-*/run-*.wandb")
     records = wandb_records(run_file)
