@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from compare_methods import mean_std  # the same cell format as the other comparison tables
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "results_daft.md"
 ABLATIONS = "configs/ablations/daft"
@@ -67,13 +69,6 @@ def run(row: str, configs: list[str], seed: int, args: argparse.Namespace) -> di
     seconds = time.perf_counter() - start
     metrics = cli.trainer.test(cli.model, cli.datamodule, verbose=False)[0]
     return {**{key: float(value) for key, value in metrics.items()}, "fit_seconds": seconds}
-
-
-def mean_std(values: list[float]) -> str:
-    """``mean`` for one value, ``mean ± sample std`` for several."""
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def table(results: dict[str, list[dict[str, float]]]) -> str:
