@@ -1,4 +1,5 @@
-"""The ``deft-lightning`` command: LightningCLI for fit/validate/test/predict.
+"""The ``deft-lightning`` command: LightningCLI for fit/validate/test/predict, plus the
+library's own verbs.
 
     deft-lightning fit --config configs/joint.yaml [--config configs/trainer/cpu.yaml] [--trainer.max_steps=100]
     deft-lightning export --ckpt_path run/checkpoints/last.ckpt --out exported/
@@ -9,6 +10,7 @@ Model and data are chosen by class path in the YAML (any ``SegmentationTask`` su
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -16,6 +18,13 @@ from lightning.pytorch.cli import LightningCLI
 
 from .data.datamodule import DGSegDataModule
 from .tasks.base import SegmentationTask
+
+#: Verbs the library adds beside Lightning's: name -> "module:function". Each function takes
+#: the remaining command-line arguments and runs a keyword-only function through jsonargparse,
+#: so ``--help``, ``--config`` and error messages look the same for every verb.
+LIBRARY_COMMANDS = {
+    "export": "deft_lightning.export:main",
+}
 
 
 def _quiet_environment() -> None:
@@ -39,10 +48,9 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> LightningC
 def main(argv: list[str] | None = None) -> None:
     _quiet_environment()
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "export":
-        from .export import main as export_main
-
-        export_main(argv[1:])
+    if argv and argv[0] in LIBRARY_COMMANDS:
+        module_name, _, function_name = LIBRARY_COMMANDS[argv[0]].partition(":")
+        getattr(importlib.import_module(module_name), function_name)(argv[1:])
         return
     lightning_cli(argv)
 
