@@ -94,7 +94,9 @@ def merged_checkpoint(state: dict[str, torch.Tensor], config: dict[str, Any], pr
         JointFinetune(**hparams).load_state_dict(state_dict, assign=True)
     return {
         "state_dict": state_dict,
-        "hyper_parameters": {"_class_path": MERGED_TASK, **hparams},
+        # As LightningCLI writes them: the CLI and load_from_checkpoint rebuild the class.
+        "hyper_parameters": {"_class_path": MERGED_TASK, "_instantiator": "lightning.pytorch.cli.instantiate_module",
+                             **hparams},
         "hparams_name": "kwargs",
         "task_class": MERGED_TASK,
         "pytorch-lightning_version": lightning.__version__,
@@ -126,7 +128,7 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 def newest_checkpoints(paths: list[str], count: int) -> list[str]:
     """The ``count`` task checkpoints with the highest global step, newest first; files with
-    the same step as a newer-listed one (``last.ckpt`` beside ``step=N.ckpt``) count once."""
+    the same step (``last.ckpt`` beside ``step=N.ckpt``) count once, the first by name."""
     if count < 1:
         raise MergeError(f"--last must be >= 1, got {count}")
     by_step: dict[int, str] = {}
