@@ -251,3 +251,23 @@ def test_last_picks_the_newest_checkpoints_of_a_run_once_per_step(tmp_path):
     assert newest_checkpoints(paths, 2) == [str(tmp_path / "last.ckpt"), str(tmp_path / "step=20.ckpt")]
     with pytest.raises(MergeError, match="only 3 checkpoint"):
         newest_checkpoints(paths, 4)
+
+
+def test_command_line_merges_and_fails_in_one_line(tmp_path, capsys):
+    """`deft-lightning merge --checkpoints a b c --anchor c --out ...` (README), and a bad input."""
+    from deft_lightning.cli import main
+
+    paths = []
+    for seed in range(3):
+        task = JointFinetune(**TINY_NET)
+        randomize(task, seed)
+        paths.append(task_checkpoint(task, tmp_path / f"{'abc'[seed]}.ckpt"))
+    out = tmp_path / "merged.ckpt"
+    main(["merge", "--checkpoints", *paths, "--anchor", paths[2], "--out", str(out)])
+    expected = merge_layerwise(paths, anchor=2)
+    merged = torch.load(out, weights_only=True)
+    assert merged["merge"]["anchor"] == paths[2]
+    assert all(torch.equal(merged["state_dict"][f"net.{key}"], value) for key, value in expected.items())
+    with pytest.raises(SystemExit) as error:
+        main(["merge", "--checkpoints", paths[0], str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x.ckpt")])
+    assert "missing.ckpt does not exist" in str(error.value) and not (tmp_path / "x.ckpt").exists()
