@@ -24,6 +24,7 @@ from .tasks.base import SegmentationTask
 #: so ``--help``, ``--config`` and error messages look the same for every verb.
 LIBRARY_COMMANDS = {
     "export": "deft_lightning.export:main",
+    "sweep": "deft_lightning.sweep:main",
 }
 
 
