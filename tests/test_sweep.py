@@ -7,6 +7,7 @@ import math
 
 import pytest
 import yaml
+from PIL import Image
 from conftest import TINY_DATA, TINY_NET
 
 from deft_lightning.sweep import SweepError, agent_command, expand, load_sweep, main, swept_names
@@ -124,6 +125,11 @@ def test_grid_sweep_runs_every_point_and_ranks_them_by_the_metric(grid_sweep):
         summary = json.loads((folder / row["point"] / "summary.json").read_text())
         assert summary["fit"]["metrics"]["val/mIoU_source"] == pytest.approx(float(row["val/mIoU_source"]))
         assert 0 <= summary["test"]["metrics"]["test/mIoU_mean"] <= 1 and summary["fit"]["global_step"] == 2
+        (results,) = (folder / row["point"]).rglob("test_results.json")  # `deft-lightning test` wrote it
+        assert (results.parent / "test_iou.md").exists()
+        for domain in ("clear", "night", "fog"):  # a confusion-matrix PNG per domain beside test_iou.md
+            with Image.open(results.parent / f"confusion_{domain}.png") as png:
+                assert png.format == "PNG" and min(png.size) > 200
         config = yaml.safe_load(next((folder / row["point"]).rglob("config.yaml")).read_text())
         assert config["model"]["init_args"]["lr"] == float(row["model.init_args.lr"])
 

@@ -16,6 +16,7 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI
 
+from .callbacks import LogPredictions
 from .data.datamodule import DGSegDataModule
 from .tasks.base import SegmentationTask
 
@@ -41,6 +42,8 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> LightningC
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        # Appended to the config's callbacks; acts only with a wandb or TensorBoard logger.
+        trainer_defaults={"callbacks": [LogPredictions()]},
         args=args,
         run=run,
     )
