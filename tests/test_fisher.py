@@ -10,8 +10,8 @@ from torch import nn
 
 from conftest import TINY_NET
 from deft_lightning import SegmentationNet
-from deft_lightning.fisher import (delta_fisher, diagonal_fisher, dr_fim, encoder_feature_maps, feature_shift,
-                                   lab_style_shift, sample_labels, segmentation_loss, variational_dr_fim,
+from deft_lightning.fisher import (delta_fisher, diagonal_fisher, dr_fim, encoder_feature_maps, entry_ranks, feature_shift,
+                                   lab_style_shift, sample_labels, segmentation_loss, select_entries, variational_dr_fim,
                                    variational_precision)
 
 CLASSES = 4
@@ -224,3 +224,39 @@ def test_variational_precision_runs_on_a_segmentation_net():
     for name, value in precision.items():
         assert value.shape == mean[name].shape and torch.isfinite(value).all() and (value > 0).all()
         assert (value >= 100.0).all() and (value > 100.0).any()  # at or above the prior τ⁻² = 100
+
+
+def test_selection_keeps_exactly_the_ceiling_of_the_fraction():
+    gen = torch.Generator().manual_seed(0)
+    scores = {"a": torch.rand(10, 7, generator=gen), "b": torch.rand(13, generator=gen), "c": torch.rand(3, 2, generator=gen)}
+    total = sum(s.numel() for s in scores.values())  # 89
+    for fraction in (0.0, 0.05, 0.1, 0.5, 1.0):
+        masks = select_entries(scores, fraction)
+        assert sum(int(m.sum()) for m in masks.values()) == math.ceil(round(fraction * total, 9))
+        kept = torch.cat([s[m] for s, m in zip(scores.values(), masks.values())])
+        dropped = torch.cat([s[~m] for s, m in zip(scores.values(), masks.values())])
+        if kept.numel() and dropped.numel():
+            assert kept.min() >= dropped.max()  # the top entries
+        per_layer = select_entries(scores, fraction, "per_layer")
+        for name, mask in per_layer.items():
+            assert mask.shape == scores[name].shape and mask.dtype == torch.bool
+            assert int(mask.sum()) == math.ceil(round(fraction * mask.numel(), 9))
+    assert sum(int(m.sum()) for m in select_entries({"x": torch.rand(100)}, 0.05).values()) == 5  # not 6
+
+
+def test_per_layer_and_global_selection_differ_where_one_tensor_dominates():
+    scores = {"small": torch.linspace(0, 1, 20), "large": 10 + torch.linspace(0, 1, 20)}
+    global_masks = select_entries(scores, 0.25)
+    per_layer = select_entries(scores, 0.25, "per_layer")
+    assert global_masks["small"].sum() == 0 and global_masks["large"].sum() == 10
+    assert per_layer["small"].sum() == 5 and per_layer["large"].sum() == 5
+    assert per_layer["small"][-5:].all()
+
+
+def test_ties_are_broken_by_position_and_nan_ranks_last():
+    scores = {"a": torch.tensor([1.0, float("nan"), 1.0]), "b": torch.tensor([1.0, 2.0])}
+    masks = select_entries(scores, 0.6)  # keeps 3 of 5: b[1], then the first tied ones a[0], a[2]
+    assert masks["a"].tolist() == [True, False, True] and masks["b"].tolist() == [False, True]
+    assert select_entries(scores, 0.6).keys() == masks.keys()
+    ranks = entry_ranks(scores)
+    assert ranks["a"].tolist() == [1, 4, 2] and ranks["b"].tolist() == [3, 0]

@@ -326,3 +326,53 @@ def variational_precision(
             target = 2.0 * reduce(g) / world_size / gamma + prior
             precision[n] = ((1 - eta) * p + eta * target).clamp(min=prior).detach()
     return precision
+
+
+# ---- selection -----------------------------------------------------------------------------
+SelectionMode = Literal["global", "per_layer"]
+
+
+def _count(fraction: float, total: int) -> int:
+    """``⌈fraction · total⌉``, robust to float noise (0.05 · 100 is 5, not 6)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    return min(total, math.ceil(round(fraction * total, 9)))
+
+
+def entry_ranks(scores: Mapping[str, Tensor], mode: SelectionMode = "global") -> dict[str, Tensor]:
+    """Rank of every entry (0 = highest score), over all tensors (``"global"``) or within its own
+    tensor (``"per_layer"``). Ties go to the earlier entry (tensor order, then flat index); NaN
+    ranks last. int64 ranks, shaped like the scores."""
+    if mode not in ("global", "per_layer"):
+        raise ValueError(f"selection mode must be 'global' or 'per_layer', got {mode!r}")
+
+    def ranks_of(flat: Tensor) -> Tensor:
+        key = torch.nan_to_num(flat.double(), nan=-math.inf)
+        order = torch.argsort(key, descending=True, stable=True)
+        ranks = torch.empty_like(order)
+        ranks[order] = torch.arange(order.numel(), device=order.device)
+        return ranks
+
+    if mode == "per_layer":
+        return {n: ranks_of(s.flatten()).view(s.shape) for n, s in scores.items()}
+    flat = ranks_of(torch.cat([s.flatten() for s in scores.values()]))
+    out, start = {}, 0
+    for n, s in scores.items():
+        out[n] = flat[start:start + s.numel()].view(s.shape)
+        start += s.numel()
+    return out
+
+
+def masks_from_ranks(ranks: Mapping[str, Tensor], fraction: float, mode: SelectionMode = "global") -> dict[str, Tensor]:
+    """Boolean masks keeping ``⌈fraction·N⌉`` entries (global) or ``⌈fraction·N_l⌉`` per tensor."""
+    if mode == "per_layer":
+        return {n: r < _count(fraction, r.numel()) for n, r in ranks.items()}
+    keep = _count(fraction, sum(r.numel() for r in ranks.values()))
+    return {n: r < keep for n, r in ranks.items()}
+
+
+def select_entries(scores: Mapping[str, Tensor], fraction: float, mode: SelectionMode = "global") -> dict[str, Tensor]:
+    """``{name: bool mask}`` keeping the top ``fraction`` of entries by score (paper: about 5 %),
+    over all tensors (``"global"``, default) or per tensor (``"per_layer"``); ties broken
+    deterministically (:func:`entry_ranks`)."""
+    return masks_from_ranks(entry_ranks(scores, mode), fraction, mode)
