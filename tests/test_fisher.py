@@ -151,7 +151,7 @@ def test_unshifted_view_gives_zero_shift_zero_delta_and_dr_fim_equal_to_fisher()
     data = [(torch.rand(2, 3, 32, 32, generator=gen), torch.randint(0, 19, (2, 32, 32), generator=gen))]
     names = [n for n, _ in net.named_parameters() if n.startswith("encoder.layer1")]
     identity = lambda images: images  # noqa: E731
-    eps_mu, eps_sigma = feature_shift(encoder_feature_maps(net), data, identity, module=net)
+    eps_mu, eps_sigma = feature_shift(encoder_feature_maps(net), data, data, module=net)
     assert eps_mu.item() == 0 and eps_sigma.item() == 0
     fisher = diagonal_fisher(net, data, names)
     shifted = diagonal_fisher(net, [(identity(x), y) for x, y in data], names)
@@ -159,8 +159,8 @@ def test_unshifted_view_gives_zero_shift_zero_delta_and_dr_fim_equal_to_fisher()
         assert torch.equal(delta_fisher(fisher[name], shifted[name]), torch.zeros_like(fisher[name]))
         assert torch.equal(dr_fim(fisher[name], shifted[name], eps_mu, eps_sigma), fisher[name])
     # The default LAB shift is a real shift of the features.
-    mu, sigma = feature_shift(encoder_feature_maps(net), data, lab_style_shift(torch.Generator().manual_seed(0)),
-                              module=net)
+    shift = lab_style_shift(torch.Generator().manual_seed(0))
+    mu, sigma = feature_shift(encoder_feature_maps(net), data, [(shift(x), y) for x, y in data], module=net)
     assert mu > 0 and sigma > 0
 
 
@@ -168,7 +168,7 @@ def test_feature_shift_of_an_affine_shift_by_hand():
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(3, 2, 4, 4, generator=gen, dtype=torch.float64)
     data = [(images[:2], None), (images[2:], None)]  # moments accumulate over batches
-    eps_mu, eps_sigma = feature_shift(lambda x: [x], data, lambda x: 2 * x + 1, delta=0.0)
+    eps_mu, eps_sigma = feature_shift(lambda x: [x], data, [(2 * x + 1, y) for x, y in data], delta=0.0)
     mean = images.mean(dim=(0, 2, 3))
     std = images.transpose(0, 1).reshape(2, -1).std(dim=1, unbiased=False)
     expected_mu = ((mean + 1) / std).square().mean().sqrt()  # μ' − μ = μ + 1

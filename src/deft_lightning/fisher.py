@@ -214,25 +214,25 @@ def _mean_std(moments: Tensor) -> tuple[Tensor, Tensor]:
 def feature_shift(
     features: Callable[[Tensor], list[Tensor]],
     batches: Iterable[Batch],
-    shift: Callable[[Tensor], Tensor],
+    shifted: Iterable[Batch],
     *,
     module: nn.Module | None = None,
     delta: float = 1e-6,
     reduce: Reduce = _identity,
 ) -> tuple[Tensor, Tensor]:
-    """``(ε_μ, ε_σ)`` between the features of ``x`` and of ``x' = shift(x)`` over ``batches``
-    (``module`` is put in eval mode meanwhile; ``delta`` guards a zero σ)."""
+    """``(ε_μ, ε_σ)`` between the features of the images of ``batches`` (``x``) and of ``shifted``
+    (``x'``, batch by batch); ``module`` is put in eval mode meanwhile, ``delta`` guards a zero σ."""
     clean: list[Tensor] | None = None
-    shifted: list[Tensor] | None = None
+    moved: list[Tensor] | None = None
     with eval_mode(module or nn.Identity()), torch.no_grad():
-        for images, _ in batches:
-            a, b = _moments(features(images)), _moments(features(shift(images)))
+        for (images, _), (images_shifted, _) in zip(batches, shifted, strict=True):
+            a, b = _moments(features(images)), _moments(features(images_shifted))
             clean = a if clean is None else [x + y for x, y in zip(clean, a)]
-            shifted = b if shifted is None else [x + y for x, y in zip(shifted, b)]
+            moved = b if moved is None else [x + y for x, y in zip(moved, b)]
     if clean is None:
         raise ValueError("feature_shift: no estimation batches")
     eps_mu, eps_sigma = [], []
-    for a, b in zip(clean, shifted):
+    for a, b in zip(clean, moved):
         (mu, sigma), (mu2, sigma2) = _mean_std(reduce(a)), _mean_std(reduce(b))
         eps_mu.append(((mu2 - mu) / (sigma + delta)).square().mean().sqrt())
         eps_sigma.append(((sigma2 + delta) / (sigma + delta)).log().square().mean().sqrt())
