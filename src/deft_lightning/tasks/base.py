@@ -54,6 +54,10 @@ class SegmentationTask(LightningModule):
             duplicated (DeFT's recipe; :func:`~deft_lightning.data.transforms.lab_style_augmentation`).
     """
 
+    #: Hyperparameters that fix the weights' shapes: taken from a checkpoint even where the
+    #: command line or a config gives another value (``deft_lightning.checkpoint_args``).
+    weight_shape_hparams: tuple[str, ...] = ("arch", "encoder_name", "encoder_weights", "num_classes", "arch_kwargs")
+
     def __init__(
         self,
         arch: str = "Unet",
