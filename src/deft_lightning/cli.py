@@ -19,9 +19,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from .atomic_io import clean_stale_temporaries
-from .checkpoint_io import AtomicCheckpointIO
-
+from .callbacks import LogPredictions
 from .checkpoint_args import RUN_CHECKPOINTS, checkpoint_folders, checkpoint_model_args, resolve_run_checkpoint
+from .checkpoint_io import AtomicCheckpointIO
 from .data.datamodule import DGSegDataModule
 from .safe_load import CheckpointError, load_checkpoint
 from .tasks.base import SegmentationTask
@@ -31,6 +31,7 @@ from .tasks.base import SegmentationTask
 #: so ``--help``, ``--config`` and error messages look the same for every verb.
 LIBRARY_COMMANDS = {
     "export": "deft_lightning.export:main",
+    "sweep": "deft_lightning.sweep:main",
 }
 
 
@@ -109,6 +110,8 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> LightningC
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        # Appended to the config's callbacks; acts only with a wandb or TensorBoard logger.
+        trainer_defaults={"callbacks": [LogPredictions()]},
         args=args,
         run=run,
     )
