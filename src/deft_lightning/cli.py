@@ -17,6 +17,7 @@ import sys
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from .callbacks import LogPredictions
 from .checkpoint_args import RUN_CHECKPOINTS, checkpoint_model_args, resolve_run_checkpoint
 from .data.datamodule import DGSegDataModule
 from .safe_load import CheckpointError, load_checkpoint
@@ -27,6 +28,7 @@ from .tasks.base import SegmentationTask
 #: so ``--help``, ``--config`` and error messages look the same for every verb.
 LIBRARY_COMMANDS = {
     "export": "deft_lightning.export:main",
+    "sweep": "deft_lightning.sweep:main",
 }
 
 
@@ -95,6 +97,8 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> LightningC
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        # Appended to the config's callbacks; acts only with a wandb or TensorBoard logger.
+        trainer_defaults={"callbacks": [LogPredictions()]},
         args=args,
         run=run,
     )
