@@ -5,7 +5,7 @@ from .data.datamodule import DatasetSpec, DGSegDataModule
 from .merging import merge_layerwise
 from .metrics import DomainIoU, iou_per_class, mean_iou
 from .net import SegmentationNet
-from .tasks import DAFT, DeFT, JointFinetune, SegmentationTask
+from .tasks import DAFT, DeFT, FisherTune, JointFinetune, SegmentationTask
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "DomainIoU",
     "EMACallback",
     "EMAPair",
+    "FisherTune",
     "JointFinetune",
     "SegmentationNet",
     "SegmentationTask",

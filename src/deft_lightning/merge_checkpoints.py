@@ -7,15 +7,15 @@ Inputs are task checkpoints of any method (their ``inference_net()``), state-dic
 exported folders (:func:`deft_lightning.merging.load_net_state`); see
 :mod:`deft_lightning.merging` for the weights. The output is a ``JointFinetune`` checkpoint
 of the merged net with the anchor's net arguments, which ``validate``/``test``/``predict``
-(``--ckpt_path``) and ``export`` load like any other. It is written atomically: a temporary
-file in the output's folder, flushed to disk, then renamed, so an interrupted or failed merge
-leaves no partial file and never touches an existing ``--out``.
+(``--ckpt_path``) and ``export`` load like any other. It is written atomically
+(:func:`deft_lightning.atomic_io.atomic_torch_save`: a temporary file in the output's folder,
+fsync, rename), so an interrupted or failed merge leaves no partial file and never touches an
+existing ``--out``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,9 @@ import lightning
 import torch
 from jsonargparse import auto_cli
 
-from .merging import MergeError, Mode, Parts, merge_inputs, read_checkpoint
+from .atomic_io import atomic_torch_save
+from .merging import MergeError, Mode, Parts, merge_inputs
+from .safe_load import CheckpointError, load_checkpoint
 from .tasks.joint import JointFinetune
 
 #: The task class of a merged checkpoint: it evaluates and exports its ``net`` as it is.
@@ -79,7 +81,7 @@ def merge(
                   "parts": parts, "power": power, "anchor_max": anchor_max,
                   **({"alpha": alpha, "pretrained": pretrained} if mode == "wise" else {})}
     out_path = Path(out)
-    atomic_save(merged_checkpoint(state, config, provenance), out_path)
+    atomic_torch_save(merged_checkpoint(state, config, provenance), out_path)
     print(f"merged {len(paths)} input(s) ({mode}, anchor {paths[anchor_index]}) into {out_path}")
     return out_path
 
@@ -106,26 +108,6 @@ def merged_checkpoint(state: dict[str, torch.Tensor], config: dict[str, Any], pr
     }
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file next to ``path``, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
 def newest_checkpoints(paths: list[str], count: int) -> list[str]:
     """The ``count`` task checkpoints with the highest global step, newest first; files with
     the same step (``last.ckpt`` beside ``step=N.ckpt``) count once, the first by name."""
@@ -133,8 +115,7 @@ def newest_checkpoints(paths: list[str], count: int) -> list[str]:
         raise MergeError(f"--last must be >= 1, got {count}")
     by_step: dict[int, str] = {}
     for path in sorted(paths):
-        checkpoint = read_checkpoint(path)
-        step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+        step = load_checkpoint(path, mmap=True).get("global_step")
         if step is None:
             raise MergeError(f"{path} records no global step: --last picks task checkpoints by step")
         by_step.setdefault(int(step), path)
@@ -170,5 +151,5 @@ def _gather_list(argv: list[str], option: str) -> list[str]:
 def main(argv: list[str]) -> None:
     try:
         auto_cli(merge, args=_gather_list(argv, "--checkpoints"))
-    except MergeError as error:
+    except (MergeError, CheckpointError) as error:
         sys.exit(f"deft-lightning merge: error: {error}")

@@ -36,7 +36,6 @@ whatever ``K``. The running update also keeps ``K`` identical inputs exactly ide
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -49,6 +48,7 @@ from safetensors.torch import load_file as load_safetensors
 from torch import Tensor
 
 from .net import SegmentationNet
+from .safe_load import load_checkpoint, task_class_named
 from .weights import IMAGENET_MEAN, IMAGENET_STD
 
 StateDict = Mapping[str, Tensor]
@@ -337,33 +337,16 @@ def load_net_state(source: Source, name: str | None = None) -> NetState:
     return loaded
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A ``torch.save`` file read safely (tensors and plain containers only) and memory-mapped,
-    so tensors are read from disk only when used."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # unpickling/format errors have no common base class
-        raise MergeError(f"cannot read {path} ({type(error).__name__}: {error}); merge inputs are task "
-                         f"checkpoints, state-dict files (torch.save or .safetensors) or exported folders") from error
-
-
 def _state_file(path: Path) -> NetState:
     if path.suffix == ".safetensors":
         return NetState(str(path), load_safetensors(path, device="cpu"))
-    content = read_checkpoint(path)
-    if isinstance(content, Mapping) and "task_class" in content:
+    content = load_checkpoint(path, mmap=True)
+    if "task_class" in content:
         return _task_checkpoint(path, content)
-    if isinstance(content, Mapping) and "state_dict" in content:
+    if "state_dict" in content:
         raise MergeError(f"{path} is a Lightning checkpoint without a 'task_class' entry: not written by a "
                          f"deft-lightning task")
-    if not isinstance(content, Mapping):
-        raise MergeError(f"{path} does not hold a state dict (names -> tensors)")
     return NetState(str(path), dict(content))
-
-
-def task_class(class_path: str) -> type:
-    module_name, _, class_name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module_name), class_name)
 
 
 def _task_checkpoint(path: Path, checkpoint: Mapping[str, Any]) -> NetState:
@@ -372,7 +355,7 @@ def _task_checkpoint(path: Path, checkpoint: Mapping[str, Any]) -> NetState:
     hparams = {key: value for key, value in checkpoint.get("hyper_parameters", {}).items()
                if not key.startswith("_")}
     with torch.device("meta"):
-        task = task_class(checkpoint["task_class"])(**{**hparams, "encoder_weights": None})
+        task = task_class_named(checkpoint["task_class"], path)(**{**hparams, "encoder_weights": None})
     task.load_state_dict(checkpoint["state_dict"], assign=True)
     state = dict(task.inference_net().state_dict())
     config = {key: hparams[key] for key in NET_ARGUMENTS if key in hparams}
