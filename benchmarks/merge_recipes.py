@@ -1,9 +1,9 @@
 """docs/merging.md's recipes on the synthetic domains: per-domain mIoU of every input and merge.
 
 For each training seed, three runs of the same net (MobileNetV2-Unet, ImageNet weights) from
-the method configs, shortened alike: ``configs/joint.yaml``, ``configs/deft.yaml`` (decoder
-warm-up 10 % of the steps) and ``configs/daft.yaml``, each keeping a checkpoint every
-``--every`` steps. Then, through ``deft-lightning merge``'s own function:
+the method configs, shortened alike (64x128, batch 4, ``--steps``): ``configs/joint.yaml``,
+``configs/deft.yaml`` (decoder warm-up 10 % of the steps) and ``configs/daft.yaml``, each
+keeping a checkpoint every ``--every`` steps. Then, through ``deft-lightning merge``:
 
 (a) the last 4 checkpoints of the joint run, layer-wise (anchor: the last) and uniform;
 (b) the final joint, DeFT and DAFT nets, layer-wise (anchor: DeFT) and uniform;
@@ -42,7 +42,7 @@ from deft_lightning.merging import load_net_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"joint": "configs/joint.yaml", "deft": "configs/deft.yaml", "daft": "configs/daft.yaml"}
-DATA = {"synthetic_image_size": [64, 128], "crop_size": [64, 128], "synthetic_val_size": 32, "batch_size": 8}
+DATA = {"synthetic_image_size": [64, 128], "crop_size": [64, 128], "synthetic_val_size": 16, "batch_size": 4}
 
 
 def fit(method: str, seed: int, steps: int, every: int, folder: Path) -> None:
@@ -140,8 +140,8 @@ def replace_section(path: Path, name: str, section: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--every", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--every", type=int, default=15)
     parser.add_argument("--root", type=Path, default=Path("runs/merge_recipes"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="write the table into this Markdown file")
