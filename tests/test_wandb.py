@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from test_cli import ROOT, deft_lightning
 
@@ -85,4 +86,13 @@ def test_offline_wandb_run_records_hparams_and_per_domain_metrics(tmp_path):
     domains = ["clear", "dusk", "fog", "night", "snow", "desert"]
     for key in ["val/mIoU_mean", "val/mIoU_source", *(f"val/{d}/mIoU" for d in domains)]:
         assert 0.0 <= logged[key] <= 1.0, key
+    # LogPredictions: an image | truth | prediction strip per domain, in one step, PNG in the run's files.
+    overlay_steps = {h.step.num for h in by_kind("history") if any("val/predictions" in "/".join(i.nested_key)
+                                                                   for i in h.item)}
+    assert len(overlay_steps) == 1, overlay_steps
+    for domain in domains:
+        assert logged[f"val/predictions/{domain}/_type"] == "images/separated"
+        (filename,) = logged[f"val/predictions/{domain}/filenames"]
+        with Image.open(run_file.parent / "files" / filename) as png:
+            assert png.size == (3 * 128, 64)  # image | truth | prediction at 64 x 128
     assert list(tmp_path.glob("wandb/deft-lightning/*/checkpoints/*.ckpt"))

@@ -15,8 +15,12 @@ import os
 import sys
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
+from .callbacks import LogPredictions
+from .checkpoint_args import RUN_CHECKPOINTS, checkpoint_model_args, resolve_run_checkpoint
 from .data.datamodule import DGSegDataModule
+from .safe_load import CheckpointError, load_checkpoint
 from .tasks.base import SegmentationTask
 
 #: Verbs the library adds beside Lightning's: name -> "module:function". Each function takes
@@ -24,6 +28,7 @@ from .tasks.base import SegmentationTask
 #: so ``--help``, ``--config`` and error messages look the same for every verb.
 LIBRARY_COMMANDS = {
     "export": "deft_lightning.export:main",
+    "sweep": "deft_lightning.sweep:main",
 }
 
 
@@ -33,13 +38,67 @@ def _quiet_environment() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+class DeftLightningCLI(LightningCLI):
+    """LightningCLI with the library's checkpoint semantics (:mod:`deft_lightning.checkpoint_args`):
+    ``--ckpt_path last|best`` from a new process, command-line/config values over a
+    checkpoint's saved hyperparameters, a model-class check, and no evaluation of an untrained
+    net without ``--allow_untrained true``."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--allow_untrained", type=bool, default=False,
+                            help="validate/test/predict without --ckpt_path: evaluate the net as "
+                                 "built (pretrained encoder, untrained decoder)")
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # What the command line and --config files give, without defaults: these values win
+        # over a checkpoint's saved hyperparameters.
+        self.explicit_config = (parser.parse_args(args, defaults=False)
+                                if args is None or isinstance(args, list) else None)
+
+    def _explicit_model_args(self, subcommand: str) -> dict:
+        if self.explicit_config is None:
+            return {}
+        init_args = self.explicit_config.get(f"{subcommand}.model.init_args")
+        return dict(init_args.items(branches=True)) if init_args is not None else {}
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        try:
+            if ckpt_path in RUN_CHECKPOINTS:
+                which, ckpt_path = ckpt_path, str(resolve_run_checkpoint(ckpt_path, config))
+                config.ckpt_path = ckpt_path
+                rank_zero_info(f"--ckpt_path {which}: {ckpt_path}")
+            if not ckpt_path:
+                if subcommand != "fit" and not config.get("allow_untrained"):
+                    raise CheckpointError(
+                        f"`{subcommand}` without --ckpt_path would evaluate an untrained net; give "
+                        f"--ckpt_path PATH (or last, best), or --allow_untrained true to evaluate it anyway")
+                return
+            checkpoint = load_checkpoint(ckpt_path, mmap=True)
+            init_args, notes = checkpoint_model_args(checkpoint, ckpt_path, config.model,
+                                                     self._explicit_model_args(subcommand))
+        except CheckpointError as error:
+            self.parser.error(str(error))
+        for note in notes:
+            rank_zero_info(f"model: {note}")
+        update = {subcommand: {"model": {"class_path": config.model.class_path, "init_args": init_args}}}
+        self.config = self.parser.parse_object(update, self.config)
+
+
 def lightning_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    return LightningCLI(
+    return DeftLightningCLI(
         SegmentationTask,
         DGSegDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        # Appended to the config's callbacks; acts only with a wandb or TensorBoard logger.
+        trainer_defaults={"callbacks": [LogPredictions()]},
         args=args,
         run=run,
     )

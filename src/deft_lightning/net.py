@@ -26,6 +26,8 @@ class SegmentationDecoder(nn.Module):
     """smp decoder + segmentation head: encoder features -> logits at the input size.
 
     ``features[0]`` is the (normalised) input in smp's encoders, which gives the output size.
+    ViT encoders (smp ``DPT``) return ``(feature maps, prefix tokens)`` instead; their decoder
+    takes both and their head already upsamples to the input size.
     """
 
     def __init__(self, decoder: nn.Module, head: nn.Module) -> None:
@@ -33,7 +35,9 @@ class SegmentationDecoder(nn.Module):
         self.decoder = decoder
         self.head = head
 
-    def forward(self, features: list[Tensor]) -> Tensor:
+    def forward(self, features: list[Tensor] | tuple[list[Tensor], list[Tensor | None]]) -> Tensor:
+        if isinstance(features, tuple):
+            return self.head(self.decoder(*features))
         logits = self.head(self.decoder(features))
         size = features[0].shape[-2:]
         if logits.shape[-2:] != size:
