@@ -17,7 +17,7 @@ from deft_lightning import DGSegDataModule, FisherTune
 from deft_lightning.tasks.fishertune import ScoreCacheError
 
 SCRIPTS = Path(__file__).parent / "scripts"
-SMALL = {"synthetic_image_size": (32, 64), "crop_size": (32, 64)}
+SMALL = {"synthetic_image_size": (32, 32), "crop_size": (32, 32), "synthetic_train_size": 4, "batch_size": 2}
 
 
 def encoder_params(task):
@@ -145,7 +145,11 @@ def test_score_cache_is_reused_and_a_stale_or_foreign_cache_is_refused(tmp_path,
         third.build_masks()
 
 
-@pytest.mark.parametrize("arch,encoder", [("Segformer", "mit_b0"), ("DPT", "tu-test_vit")])
+@pytest.mark.parametrize("arch,encoder", [
+    ("Segformer", "mit_b0"),
+    # vmap has no batching rule for CPU flash attention (a slow fallback): ~40 s under load.
+    pytest.param("DPT", "tu-test_vit", marks=pytest.mark.slow),
+])
 def test_transformer_encoders_estimate_and_train_masked(arch, encoder, monkeypatch):
     data = estimation_batches(hw=(32, 32))
     monkeypatch.setattr(FisherTune, "estimation_data", lambda self: data)
@@ -178,3 +182,52 @@ def test_two_process_ddp_ends_with_identical_masks_and_weights(tmp_path):
     assert ranks[0]["masks"] == ranks[1]["masks"] and ranks[0]["selected"] > 0
     assert ranks[0]["params"] == ranks[1]["params"]
     assert ranks[0]["estimation_images"] != ranks[1]["estimation_images"]  # each rank saw its own share
+
+
+ROOT = Path(__file__).resolve().parents[1]
+ABLATION_CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs/ablations/fishertune").glob("*.yaml"))
+ABLATION_ROWS = {  # config -> (score, estimator, selection); None: full finetuning
+    "0_full": None, "1_random": ("random", "direct", "global"), "2_fisher": ("fisher", "direct", "global"),
+    "3_delta_fisher": ("delta_fisher", "direct", "global"), "4_dr_fim": ("dr_fim", "direct", "global"),
+    "5_dr_fim_variational": ("dr_fim", "variational", "global"), "6_dr_fim_per_layer": ("dr_fim", "direct", "per_layer"),
+}
+
+
+def test_ablation_table_has_every_row():
+    assert [Path(c).stem for c in ABLATION_CONFIGS] == list(ABLATION_ROWS)
+
+
+@pytest.mark.parametrize("config", ABLATION_CONFIGS)
+def test_every_fishertune_ablation_config_parses(config):
+    from deft_lightning.cli import lightning_cli
+
+    cli = lightning_cli(["--config", str(ROOT / config), "--trainer.logger=false"], run=False)
+    assert cli.datamodule is not None
+    row = ABLATION_ROWS[Path(config).stem]
+    if row is None:
+        assert type(cli.model).__name__ == "JointFinetune"
+    else:
+        hp = cli.model.hparams
+        assert (hp.score, hp.estimator, hp.selection) == row and hp.fraction == 0.05
+        assert hp.warmup_steps == 30
+
+
+def test_fishertune_config_fits_through_the_cli_and_caches_its_scores(tmp_path):
+    """The config's header commands, with a tiny net, tiny images and a one-step warm-up."""
+    from test_cli import deft_lightning
+
+    cache = tmp_path / "runs/fishertune_scores.safetensors"
+    result = deft_lightning(
+        "fit", "--config", str(ROOT / "configs/fishertune.yaml"), "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=1", "--trainer.val_check_interval=2", "--model.init_args.encoder_name=resnet18",
+        "--model.init_args.encoder_weights=null", "--model.init_args.arch_kwargs={encoder_depth: 3, decoder_channels: [32, 16, 8]}",
+        "--model.init_args.warmup_steps=1", "--model.init_args.estimation_batches=1",
+        f"--model.init_args.score_cache={cache}", "--data.init_args.synthetic_image_size=[32,64]",
+        "--data.init_args.crop_size=[32,64]", "--data.init_args.batch_size=2", "--data.init_args.synthetic_val_size=2",
+        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert cache.exists()
+    (checkpoint,) = tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    masks = torch.load(checkpoint, weights_only=True)["state_dict"]["_extra_state"]["masks"]
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == math.ceil(0.05 * total)

@@ -15,10 +15,13 @@ import os
 import sys
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from .atomic_io import clean_stale_temporaries
 from .callbacks import LogPredictions
-from .checkpoint_args import RUN_CHECKPOINTS, checkpoint_model_args, resolve_run_checkpoint
+from .checkpoint_args import RUN_CHECKPOINTS, checkpoint_folders, checkpoint_model_args, resolve_run_checkpoint
+from .checkpoint_io import AtomicCheckpointIO
 from .data.datamodule import DGSegDataModule
 from .safe_load import CheckpointError, load_checkpoint
 from .tasks.base import SegmentationTask
@@ -89,6 +92,16 @@ class DeftLightningCLI(LightningCLI):
             rank_zero_info(f"model: {note}")
         update = {subcommand: {"model": {"class_path": config.model.class_path, "init_args": init_args}}}
         self.config = self.parser.parse_object(update, self.config)
+
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        for folder in checkpoint_folders(self.config[self.subcommand] if self.subcommand else self.config):
+            clean_stale_temporaries(folder)  # left by a killed run
+        # Atomic checkpoint writes and weights-only loads, unless a plugin chose another IO.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:

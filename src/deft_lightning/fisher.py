@@ -283,7 +283,7 @@ def variational_precision(
     *,
     gamma: float = 1e-6,
     tau: float = 0.1,
-    steps: int = 50,
+    steps: int = 20,
     step_size: float | None = None,
     generator: torch.Generator | None = None,
     reduce: Reduce = _identity,

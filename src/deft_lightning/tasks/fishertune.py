@@ -131,7 +131,7 @@ class FisherTune(JointFinetune):
         delta_epsilon: float = 1e-8,
         gamma: float = 1e-6,
         tau: float = 0.1,
-        variational_steps: int = 50,
+        variational_steps: int = 20,
         score_cache: str | None = None,
         **kwargs: Any,
     ) -> None:
