@@ -33,6 +33,7 @@ from .tasks.base import SegmentationTask
 LIBRARY_COMMANDS = {
     "export": "deft_lightning.export:main",
     "sweep": "deft_lightning.sweep:main",
+    "report": "deft_lightning.report:main",
 }
 
 
