@@ -39,7 +39,9 @@ class RunSummary(Callback):
             return
         path = Path(self.path or Path(trainer.default_root_dir) / "summary.json")
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
+        domains = getattr(getattr(trainer.lightning_module, "metrics", None), "domains", None)
         entry = {"metrics": {k: (None if math.isnan(v) else v) for k, v in sorted(metrics.items())},
+                 "domains": domains, "source_domain": getattr(trainer.lightning_module, "source_val_domain", None),
                  "global_step": trainer.global_step, "log_dir": trainer.log_dir, **extra}
         summary = json.loads(path.read_text()) if path.exists() else {}
         summary[stage] = entry
