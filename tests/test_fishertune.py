@@ -231,3 +231,17 @@ def test_fishertune_config_fits_through_the_cli_and_caches_its_scores(tmp_path):
     masks = torch.load(checkpoint, weights_only=True)["state_dict"]["_extra_state"]["masks"]
     total = sum(m.numel() for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) == math.ceil(0.05 * total)
+
+
+def test_a_vit_encoder_loads_from_a_local_timm_weights_file(tmp_path):
+    """What docs/fishertune.md tells DINOv2/EVA02 users to do, with timm's tiny test ViT."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", pretrained=False)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    task = FisherTune(arch="DPT", encoder_name="tu-test_vit", encoder_weights=str(tmp_path / "vit.safetensors"))
+    encoder = dict(task.net.encoder.named_parameters())
+    for name, value in vit.named_parameters():
+        assert torch.equal(encoder[f"model.{name}"], value), name
