@@ -84,7 +84,7 @@ def _seed_transform(transform: Any, seed: int) -> None:
 class SeededSamples(Dataset):
     """``dataset`` indexed by :class:`SampleKey`: item ``(i, s)`` is ``dataset[i]`` with every
     random draw seeded from ``s`` (the dataset's ``set_random_seed``, e.g. class-uniform
-    sampling, and its transform's)."""
+    sampling, and its transform's). A plain index gives ``dataset[i]`` as it is."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -92,7 +92,9 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: SampleKey) -> Any:
+    def __getitem__(self, key: SampleKey | int) -> Any:
+        if not isinstance(key, tuple):  # a plain index (code that iterates ``loader.dataset``): unseeded
+            return self.dataset[key]
         index, seed = key
         if hasattr(self.dataset, "set_random_seed"):
             self.dataset.set_random_seed(seed)
