@@ -23,6 +23,7 @@ from .callbacks import LogPredictions
 from .checkpoint_args import RUN_CHECKPOINTS, checkpoint_folders, checkpoint_model_args, resolve_run_checkpoint
 from .checkpoint_io import AtomicCheckpointIO
 from .data.datamodule import DGSegDataModule
+from .precision import precision_for_hardware
 from .safe_load import CheckpointError, load_checkpoint
 from .tasks.base import SegmentationTask
 
@@ -52,6 +53,16 @@ class DeftLightningCLI(LightningCLI):
         parser.add_argument("--allow_untrained", type=bool, default=False,
                             help="validate/test/predict without --ckpt_path: evaluate the net as "
                                  "built (pretrained encoder, untrained decoder)")
+        parser.add_argument("--precision_by_hardware", type=bool, default=False,
+                            help="set trainer.precision to bf16-mixed where the device has native "
+                                 "bf16 (AMX/AVX512-BF16 CPU, bf16 GPU), else 32-true")
+
+    def before_instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if config.get("precision_by_hardware"):
+            config.trainer.precision, reason = precision_for_hardware(config.trainer.accelerator)
+            rank_zero_info(f"--precision_by_hardware: trainer.precision={config.trainer.precision} ({reason})")
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
