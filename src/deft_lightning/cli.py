@@ -3,6 +3,7 @@ library's own verbs.
 
     deft-lightning fit --config configs/joint.yaml [--config configs/trainer/cpu.yaml] [--trainer.max_steps=100]
     deft-lightning export --ckpt_path run/checkpoints/last.ckpt --out exported/
+    deft-lightning merge --checkpoints a.ckpt b.ckpt --anchor b.ckpt --out merged.ckpt
 
 Model and data are chosen by class path in the YAML (any ``SegmentationTask`` subclass, any
 ``LightningDataModule``); every key can be overridden on the command line.
@@ -32,6 +33,7 @@ from .tasks.base import SegmentationTask
 #: so ``--help``, ``--config`` and error messages look the same for every verb.
 LIBRARY_COMMANDS = {
     "export": "deft_lightning.export:main",
+    "merge": "deft_lightning.merge_checkpoints:main",
     "sweep": "deft_lightning.sweep:main",
     "report": "deft_lightning.report:main",
 }
