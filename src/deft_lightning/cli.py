@@ -3,6 +3,7 @@ library's own verbs.
 
     deft-lightning fit --config configs/joint.yaml [--config configs/trainer/cpu.yaml] [--trainer.max_steps=100]
     deft-lightning export --ckpt_path run/checkpoints/last.ckpt --out exported/
+    deft-lightning merge --checkpoints a.ckpt b.ckpt --anchor b.ckpt --out merged.ckpt
 
 Model and data are chosen by class path in the YAML (any ``SegmentationTask`` subclass, any
 ``LightningDataModule``); every key can be overridden on the command line.
@@ -25,6 +26,7 @@ from .callbacks.progress import ResumingProgressBar
 from .checkpoint_args import RUN_CHECKPOINTS, checkpoint_folders, checkpoint_model_args, resolve_run_checkpoint
 from .checkpoint_io import AtomicCheckpointIO
 from .data.datamodule import DGSegDataModule
+from .precision import precision_for_hardware
 from .safe_load import CheckpointError, load_checkpoint
 from .tasks.base import SegmentationTask
 
@@ -33,7 +35,9 @@ from .tasks.base import SegmentationTask
 #: so ``--help``, ``--config`` and error messages look the same for every verb.
 LIBRARY_COMMANDS = {
     "export": "deft_lightning.export:main",
+    "merge": "deft_lightning.merge_checkpoints:main",
     "sweep": "deft_lightning.sweep:main",
+    "report": "deft_lightning.report:main",
 }
 
 
@@ -53,6 +57,16 @@ class DeftLightningCLI(LightningCLI):
         parser.add_argument("--allow_untrained", type=bool, default=False,
                             help="validate/test/predict without --ckpt_path: evaluate the net as "
                                  "built (pretrained encoder, untrained decoder)")
+        parser.add_argument("--precision_by_hardware", type=bool, default=False,
+                            help="set trainer.precision to bf16-mixed where the device has native "
+                                 "bf16 (AMX/AVX512-BF16 CPU, bf16 GPU), else 32-true")
+
+    def before_instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if config.get("precision_by_hardware"):
+            config.trainer.precision, reason = precision_for_hardware(config.trainer.accelerator)
+            rank_zero_info(f"--precision_by_hardware: trainer.precision={config.trainer.precision} ({reason})")
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
