@@ -107,3 +107,11 @@ def test_best_resolves_to_the_checkpoint_last_recorded_as_best(run):
                          "--ckpt_path", "best"])
     assert cli.config.validate.ckpt_path == recorded[0]
     assert cli.trainer.ckpt_path == recorded[0]
+
+
+def test_last_without_a_run_is_an_error_naming_the_folders(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lightning_cli(["test", "--config", DEFT, "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+                       "--ckpt_path", "last"])
+    assert exit_info.value.code != 0
+    assert "no last*.ckpt" in capsys.readouterr().err

@@ -3,6 +3,7 @@ library's own verbs.
 
     deft-lightning fit --config configs/joint.yaml [--config configs/trainer/cpu.yaml] [--trainer.max_steps=100]
     deft-lightning export --ckpt_path run/checkpoints/last.ckpt --out exported/
+    deft-lightning merge --checkpoints a.ckpt b.ckpt --anchor b.ckpt --out merged.ckpt
 
 Model and data are chosen by class path in the YAML (any ``SegmentationTask`` subclass, any
 ``LightningDataModule``); every key can be overridden on the command line.
@@ -14,12 +15,18 @@ import importlib
 import os
 import sys
 
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from .atomic_io import clean_stale_temporaries
 from .callbacks import LogPredictions
-from .checkpoint_args import RUN_CHECKPOINTS, checkpoint_model_args, resolve_run_checkpoint
+from .callbacks.progress import ResumingProgressBar
+from .checkpoint_args import RUN_CHECKPOINTS, checkpoint_folders, checkpoint_model_args, resolve_run_checkpoint
+from .checkpoint_io import AtomicCheckpointIO
 from .data.datamodule import DGSegDataModule
+from .precision import precision_for_hardware
 from .safe_load import CheckpointError, load_checkpoint
 from .tasks.base import SegmentationTask
 
@@ -28,7 +35,9 @@ from .tasks.base import SegmentationTask
 #: so ``--help``, ``--config`` and error messages look the same for every verb.
 LIBRARY_COMMANDS = {
     "export": "deft_lightning.export:main",
+    "merge": "deft_lightning.merge_checkpoints:main",
     "sweep": "deft_lightning.sweep:main",
+    "report": "deft_lightning.report:main",
 }
 
 
@@ -48,6 +57,16 @@ class DeftLightningCLI(LightningCLI):
         parser.add_argument("--allow_untrained", type=bool, default=False,
                             help="validate/test/predict without --ckpt_path: evaluate the net as "
                                  "built (pretrained encoder, untrained decoder)")
+        parser.add_argument("--precision_by_hardware", type=bool, default=False,
+                            help="set trainer.precision to bf16-mixed where the device has native "
+                                 "bf16 (AMX/AVX512-BF16 CPU, bf16 GPU), else 32-true")
+
+    def before_instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if config.get("precision_by_hardware"):
+            config.trainer.precision, reason = precision_for_hardware(config.trainer.accelerator)
+            rank_zero_info(f"--precision_by_hardware: trainer.precision={config.trainer.precision} ({reason})")
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
@@ -88,6 +107,20 @@ class DeftLightningCLI(LightningCLI):
             rank_zero_info(f"model: {note}")
         update = {subcommand: {"model": {"class_path": config.model.class_path, "init_args": init_args}}}
         self.config = self.parser.parse_object(update, self.config)
+
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        for folder in checkpoint_folders(self.config[self.subcommand] if self.subcommand else self.config):
+            clean_stale_temporaries(folder)  # left by a killed run
+        # Atomic checkpoint writes and weights-only loads, unless a plugin chose another IO.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        bar = trainer.progress_bar_callback
+        if type(bar) is TQDMProgressBar:  # Lightning's default: one that knows mid-epoch resumes
+            trainer.callbacks[trainer.callbacks.index(bar)] = ResumingProgressBar(
+                bar.refresh_rate, bar.process_position, bar._leave)
+        return trainer
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:

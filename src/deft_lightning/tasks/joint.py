@@ -17,6 +17,7 @@ import copy
 from typing import Any, Literal
 
 from lightning.pytorch import Callback
+from torch import nn
 
 from ..callbacks import DecoderWarmup, EMACallback, EMAPair
 from ..net import SegmentationNet
@@ -53,6 +54,10 @@ class JointFinetune(SegmentationTask):
 
     def inference_net(self) -> SegmentationNet:
         return self.net if self.ema_net is None else self.ema_net
+
+    def compile_regions(self) -> list[nn.Module]:
+        regions = super().compile_regions()
+        return regions if self.ema_net is None else [*regions, self.ema_net.encoder, self.ema_net.decoder]
 
     def ema_pairs(self) -> list[EMAPair]:
         if self.ema_net is None:
