@@ -145,11 +145,8 @@ def test_score_cache_is_reused_and_a_stale_or_foreign_cache_is_refused(tmp_path,
         third.build_masks()
 
 
-@pytest.mark.parametrize("arch,encoder", [
-    ("Segformer", "mit_b0"),
-    # vmap has no batching rule for CPU flash attention (a slow fallback): ~40 s under load.
-    pytest.param("DPT", "tu-test_vit", marks=pytest.mark.slow),
-])
+@pytest.mark.slow  # Segformer ~35 s, DPT ~50 s on the loaded 2-core CPU (vmap's fallback for CPU flash attention)
+@pytest.mark.parametrize("arch,encoder", [("Segformer", "mit_b0"), ("DPT", "tu-test_vit")])
 def test_transformer_encoders_estimate_and_train_masked(arch, encoder, monkeypatch):
     data = estimation_batches(hw=(32, 32))
     monkeypatch.setattr(FisherTune, "estimation_data", lambda self: data)
