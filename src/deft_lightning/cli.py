@@ -15,12 +15,14 @@ import importlib
 import os
 import sys
 
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from .atomic_io import clean_stale_temporaries
 from .callbacks import LogPredictions
+from .callbacks.progress import ResumingProgressBar
 from .checkpoint_args import RUN_CHECKPOINTS, checkpoint_folders, checkpoint_model_args, resolve_run_checkpoint
 from .checkpoint_io import AtomicCheckpointIO
 from .data.datamodule import DGSegDataModule
@@ -114,6 +116,10 @@ class DeftLightningCLI(LightningCLI):
         # Atomic checkpoint writes and weights-only loads, unless a plugin chose another IO.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        bar = trainer.progress_bar_callback
+        if type(bar) is TQDMProgressBar:  # Lightning's default: one that knows mid-epoch resumes
+            trainer.callbacks[trainer.callbacks.index(bar)] = ResumingProgressBar(
+                bar.refresh_rate, bar.process_position, bar._leave)
         return trainer
 
 
