@@ -3,6 +3,7 @@ library's own verbs.
 
     deft-lightning fit --config configs/joint.yaml [--config configs/trainer/cpu.yaml] [--trainer.max_steps=100]
     deft-lightning export --ckpt_path run/checkpoints/last.ckpt --out exported/
+    deft-lightning merge --checkpoints a.ckpt b.ckpt --anchor b.ckpt --out merged.ckpt
 
 Model and data are chosen by class path in the YAML (any ``SegmentationTask`` subclass, any
 ``LightningDataModule``); every key can be overridden on the command line.
@@ -14,12 +15,14 @@ import importlib
 import os
 import sys
 
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from .atomic_io import clean_stale_temporaries
 from .callbacks import LogPredictions
+from .callbacks.progress import ResumingProgressBar
 from .checkpoint_args import RUN_CHECKPOINTS, checkpoint_folders, checkpoint_model_args, resolve_run_checkpoint
 from .checkpoint_io import AtomicCheckpointIO
 from .data.datamodule import DGSegDataModule
@@ -32,6 +35,7 @@ from .tasks.base import SegmentationTask
 #: so ``--help``, ``--config`` and error messages look the same for every verb.
 LIBRARY_COMMANDS = {
     "export": "deft_lightning.export:main",
+    "merge": "deft_lightning.merge_checkpoints:main",
     "sweep": "deft_lightning.sweep:main",
     "report": "deft_lightning.report:main",
 }
@@ -112,6 +116,10 @@ class DeftLightningCLI(LightningCLI):
         # Atomic checkpoint writes and weights-only loads, unless a plugin chose another IO.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        bar = trainer.progress_bar_callback
+        if type(bar) is TQDMProgressBar:  # Lightning's default: one that knows mid-epoch resumes
+            trainer.callbacks[trainer.callbacks.index(bar)] = ResumingProgressBar(
+                bar.refresh_rate, bar.process_position, bar._leave)
         return trainer
 
 

@@ -250,8 +250,9 @@ class SegmentationTask(LightningModule):
         self.test_ious = ious  # read by callbacks in on_test_end (e.g. LogPredictions' table)
         table = format_iou_table(ious, self.source_val_domain)
         rank_zero_info("\n" + table)
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            path = Path(self.trainer.log_dir) / "test_iou.md"
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: asked on every rank
+        if self.trainer.is_global_zero and log_dir:
+            path = Path(log_dir) / "test_iou.md"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(table + "\n")
             # Beside it: test_results.json (confusion matrices, per-class IoU) and confusion_<domain>.png.
