@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> str:
                         help="GPU step demands (images/s) to size the worker count for")
     parser.add_argument("--write", action="store_true", help="write the section of docs/benchmarks.md")
     args = parser.parse_args(argv)
-    args.command = "python benchmarks/data_pipeline.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    args.command = ("python benchmarks/data_pipeline.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     table = run(args)
     if args.write:
         write_section(table, MARKERS, "Data pipeline: decode + augmentation per worker")

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--write", action="store_true", help="write the section of docs/benchmarks.md")
     args = parser.parse_args(argv)
-    args.command = "python benchmarks/speedups.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    args.command = ("python benchmarks/speedups.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     table = run(args)
     print(table)
     if args.write:

@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> str:
         method, kind = args.memory_probe
         print(json.dumps({"peak_mib": RUNNERS[kind](method, args)[1]}))
         return ""
-    args.command = "python benchmarks/throughput.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    args.command = ("python benchmarks/throughput.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     table = run(args)
     if args.write:
         write_section(table, MARKERS, "A whole Lightning step against a bare PyTorch loop")
