@@ -107,28 +107,37 @@ def test_entries_parse_as_dicts_dataclasses_and_overrides(data_root, tmp_path):
         "source": {"class_path": "deft_lightning.DatasetSpec", "init_args": {"name": "gtav", "root": "gtav"}},
         "targets": [{"name": "cityscapes", "root": "cityscapes", "split": "val"},
                     {"name": "synthetic", "domain": "fog", "split": "val", "options": {"length": 3}}]}}}))
-    datamodule = build([config], data_root, "--data.init_args.source.split=all",
-                       "--data.init_args.targets.0.domain=cs").datamodule
+    datamodule = build([config], data_root, "--data.init_args.source.split=all",  # one key of an entry
+                       '--data.init_args.targets=[{"name": "cityscapes", "root": "cityscapes", "split": "val", '
+                       '"domain": "cs"}, {"name": "synthetic", "domain": "fog", "split": "val", '
+                       '"options": {"length": 3}}]').datamodule
     from deft_lightning import DatasetSpec
 
-    assert datamodule.hparams.source == DatasetSpec("gtav", "gtav", "all")
+    assert datamodule.source == DatasetSpec("gtav", "gtav", "all")
     datamodule.setup("validate")
     assert datamodule.eval_domains == ["cs", "fog"]  # no held-out split named, none invented
     assert len(datamodule.eval_sets["fog"]) == 3
 
 
-def test_unknown_entry_key_and_a_real_source_without_targets_fail_clearly(data_root, tmp_path):
+def test_unknown_entry_key_and_a_real_source_without_targets_fail_clearly(data_root, tmp_path, capsys,
+                                                                          monkeypatch):
+    from deft_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  init_args:\n    source: {name: gtav, root: gtav, splt: train}\n"
                    "    targets: [{name: cityscapes, root: cityscapes, split: val}]\n")
     no_targets = tmp_path / "no_targets.yaml"
     no_targets.write_text("data:\n  init_args:\n    source: {name: gtav, root: gtav, split: train}\n")
     for config, message in [(bad, "splt"), (no_targets, "no `targets`")]:
-        result = deft_lightning("fit", "--config", str(ROOT / "configs/joint.yaml"), "--config", str(config),
-                                "--trainer.max_steps=1", cwd=tmp_path)
-        assert result.returncode != 0
-        assert message in result.stderr, result.stderr[-3000:]
-        assert "Traceback" not in result.stderr
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(ROOT / "configs/joint.yaml"), "--config", str(config),
+                  "--trainer.max_steps=1", "--model.init_args.encoder_weights=null"])
+        stderr = capsys.readouterr().err
+        assert exit_info.value.code != 0
+        assert message in stderr, stderr[-3000:]
+        assert "Traceback" not in stderr
+    assert not (tmp_path / "runs").exists()  # the failed runs left no folder
 
 
 def fit_and_test(configs: list[Path], data_root: Path, cwd: Path) -> tuple:

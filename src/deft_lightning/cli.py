@@ -35,6 +35,7 @@ from .tasks.base import SegmentationTask
 #: so ``--help``, ``--config`` and error messages look the same for every verb.
 LIBRARY_COMMANDS = {
     "export": "deft_lightning.export:main",
+    "check-data": "deft_lightning.check_data:main",
 }
 
 #: Exceptions that are the user's input at fault (their messages name the file or parameter):
@@ -164,9 +165,21 @@ def _run_lightning(argv: list[str] | None) -> None:
     except BaseException:
         run_dir = DeftLightningCLI.run_dir
         if run_dir is not None:
-            run_folder.remove_empty_dirs(run_dir, stop=run_dir.parent.parent)
+            run_folder.remove_empty_dirs(run_dir, stop=run_dir.parents[min(2, len(run_dir.parents) - 1)])
         raise
     _report(cli)
+
+
+def _user_message(error: BaseException) -> str:
+    """``error``'s message; for a class that failed to build inside a config (jsonargparse
+    reports it as "Does not validate against any of the Union subtypes ..."), its own message."""
+    text = str(error)
+    if "Union subtypes" in text:
+        reasons = [line.strip()[2:] for line in text.splitlines()
+                   if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line]
+        if reasons:
+            text = reasons[0].removeprefix("Problem with given class_path ")
+    return f"{type(error).__name__}: {text}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -187,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as error:
         if debug:
             raise
-        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"error: {_user_message(error)}", file=sys.stderr)
         print(f"(run with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
 

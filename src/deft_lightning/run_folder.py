@@ -97,6 +97,7 @@ def remove_empty_dirs(run_dir: Path, stop: Path | None = None) -> None:
         if not os.listdir(folder):
             os.rmdir(folder)
     path = run_dir
-    while path.is_dir() and path != stop and not os.listdir(path):
-        path.rmdir()
+    while path != stop and (not path.exists() or (path.is_dir() and not os.listdir(path))):
+        if path.exists():
+            path.rmdir()
         path = path.parent

@@ -17,7 +17,7 @@ matrices are exactly those of a single process.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import os
@@ -123,8 +123,9 @@ class DGSegDataModule(LightningDataModule):
             0 turns it off.
         class_index_cache: JSON file caching which training images hold which classes (the scan
             reads every mask once); ``None`` scans at every start.
-        predict_root: a folder of images to predict on; ``None`` predicts on the first
-            ``predict_per_domain`` images of every evaluation domain.
+        predict_root: a folder of images to predict on (any sizes and formats, one image a
+            batch); ``None`` predicts on the first ``predict_per_domain`` images of every
+            evaluation domain.
     """
 
     def __init__(
@@ -159,8 +160,11 @@ class DGSegDataModule(LightningDataModule):
         source = None if source is None else as_spec(source, "source")
         source_val = None if source_val is None else as_spec(source_val, "source_val")
         targets = None if targets is None else [as_spec(t, f"targets[{i}]") for i, t in enumerate(targets)]
+        self.source, self.source_val, self.targets = source, source_val, targets
         self.save_hyperparameters()
-        self.hparams.update(source=source, source_val=source_val, targets=targets)
+        # Plain dicts in the hyperparameters: checkpoints stay loadable with weights_only=True.
+        self.hparams.update(source=source and asdict(source), source_val=source_val and asdict(source_val),
+                            targets=targets and [asdict(t) for t in targets])
         unknown = [d for d in [synthetic_source, *(synthetic_targets or [])] if d not in DOMAINS]
         if unknown:
             raise ValueError(f"unknown synthetic domain(s) {unknown}; known: {list(DOMAINS)}")
@@ -185,7 +189,7 @@ class DGSegDataModule(LightningDataModule):
     def source_spec(self) -> DatasetSpec:
         """The training entry (the synthetic default when ``source`` is unset)."""
         hp = self.hparams
-        return hp.source or DatasetSpec("synthetic", split="train", domain=hp.synthetic_source)
+        return self.source or DatasetSpec("synthetic", split="train", domain=hp.synthetic_source)
 
     @property
     def eval_specs(self) -> list[DatasetSpec]:
@@ -193,12 +197,12 @@ class DGSegDataModule(LightningDataModule):
         hp = self.hparams
         source = self.source_spec
         specs = []
-        if hp.source_val is not None:
-            specs.append(hp.source_val)
+        if self.source_val is not None:
+            specs.append(self.source_val)
         elif source.name == "synthetic":
             specs.append(DatasetSpec("synthetic", split="val", domain=source.domain or SOURCE_DOMAIN))
-        if hp.targets is not None:
-            specs += hp.targets
+        if self.targets is not None:
+            specs += self.targets
         else:
             source_domain = source.domain or SOURCE_DOMAIN
             domains = hp.synthetic_targets or [d for d in DOMAINS if d != source_domain]
@@ -275,7 +279,7 @@ class DGSegDataModule(LightningDataModule):
             return self.eval_sets
         hp = self.hparams
         sets = [self._from_spec(spec) for spec in self.eval_specs]
-        has_source_val = hp.source_val is not None or self.uses_synthetic_source
+        has_source_val = self.source_val is not None or self.uses_synthetic_source
         self._source_val_domain = sets[0].domain if has_source_val and sets else None
         names = [dataset.domain for dataset in sets]
         if len(set(names)) != len(names):
@@ -313,14 +317,14 @@ class DGSegDataModule(LightningDataModule):
                           num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
                           worker_init_fn=_seed_worker if hp.num_workers > 0 else None)
 
-    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+    def _eval_loader(self, dataset: Dataset, batch_size: int | None = None) -> DataLoader:
         hp = self.hparams
         sampler = None
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
                                                    rank=trainer.global_rank, shuffle=False)
-        return DataLoader(dataset, batch_size=hp.eval_batch_size, sampler=sampler, shuffle=False,
+        return DataLoader(dataset, batch_size=batch_size or hp.eval_batch_size, sampler=sampler, shuffle=False,
                           num_workers=hp.num_workers)
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -330,4 +334,6 @@ class DGSegDataModule(LightningDataModule):
         return self.val_dataloader()
 
     def predict_dataloader(self) -> list[DataLoader]:
-        return [self._eval_loader(dataset) for dataset in self.predict_sets]
+        # A folder of photos comes in any mix of sizes: one image a batch, predicted at its size.
+        return [self._eval_loader(dataset, batch_size=1 if self.hparams.predict_root is not None else None)
+                for dataset in self.predict_sets]

@@ -19,8 +19,10 @@ SYNTHIA's 16-bit labels are the exception, read with OpenCV (see :class:`Synthia
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -136,7 +138,11 @@ class SegmentationDataset(Dataset):
     def sample(self, index: int, **transform_args) -> dict:
         """Item ``index``, with extra named inputs for the transform (e.g. ``crop_class``)."""
         image, mask = self.load(index)
-        return make_sample(image, mask, self.domain, self.pairs[index][0].stem, self.transform, **transform_args)
+        return make_sample(image, mask, self.domain, self.name_of(index), self.transform, **transform_args)
+
+    def name_of(self, index: int) -> str:
+        """The sample name of pair ``index``: its image file's stem."""
+        return self.pairs[index][0].stem
 
     def load_mask(self, index: int) -> np.ndarray | None:
         """The train-id mask of pair ``index`` alone (no image decoded), before the transform."""
@@ -188,14 +194,38 @@ def _list_files(folder: Path, pattern: str, layout: str) -> list[Path]:
     return files
 
 
+#: While set (by :func:`collect_missing_labels`), images without a label are recorded here and
+#: left out instead of raising: ``deft-lightning check-data`` reports every problem in one pass.
+_MISSING_LABELS: ContextVar[list[tuple[Path, Path]] | None] = ContextVar("missing_labels", default=None)
+
+
+@contextmanager
+def collect_missing_labels() -> Iterator[list[tuple[Path, Path]]]:
+    """Within the block, datasets built leave out images whose label file is missing and list
+    them, as (image, expected label), in the yielded list."""
+    missing: list[tuple[Path, Path]] = []
+    token = _MISSING_LABELS.set(missing)
+    try:
+        yield missing
+    finally:
+        _MISSING_LABELS.reset(token)
+
+
 def _with_labels(images: Sequence[Path], label_for, layout: str) -> list[ImageLabelPair]:
-    """Pair every image with ``label_for(image)``; an image whose label is missing is an error."""
+    """Pair every image with ``label_for(image)``; images whose label is missing are an error
+    naming them all (or are listed, inside :func:`collect_missing_labels`)."""
     pairs = [(image, label_for(image)) for image in images]
-    for image, label in pairs:
-        if not label.is_file():
-            raise FileNotFoundError(
-                f"no label for image {image}: expected {label}\nexpected layout: {layout}"
-            )
+    missing = [(image, label) for image, label in pairs if not label.is_file()]
+    collected = _MISSING_LABELS.get()
+    if missing and collected is not None:
+        collected += missing
+        return [(image, label) for image, label in pairs if label.is_file()]
+    if missing:
+        listing = "\n".join(f"  {image}: expected {label}" for image, label in missing[:10])
+        more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise FileNotFoundError(
+            f"no label for {len(missing)} of {len(pairs)} images:\n{listing}{more}\nexpected layout: {layout}"
+        )
     return pairs
 
 
@@ -496,6 +526,23 @@ class FolderDataset(SegmentationDataset):
 
             pairs = _with_labels(images, mask_for, self.layout)
         super().__init__(pairs, domain or image_dir.resolve().name, transform)
+        self.names = self._unique_names(image_dir, images)
+
+    def name_of(self, index: int) -> str:
+        return self.names[index]
+
+    @staticmethod
+    def _unique_names(image_dir: Path, images: list[Path]) -> list[str]:
+        """Stems, unless two images share one (``street.jpg``, ``street.png``; or the same name in
+        two subfolders): those are named by their path relative to the folder, suffix included,
+        so no two predictions are written to one file."""
+        stems = [image.stem for image in images]
+        clashing = {stem for stem in stems if stems.count(stem) > 1}
+        return [
+            (image.relative_to(image_dir).as_posix() if image.is_relative_to(image_dir) else str(image))
+            if image.stem in clashing else image.stem
+            for image in images
+        ]
 
     def _select(self, image_dir: Path, files: str | list[str] | None) -> list[Path]:
         if files is None or isinstance(files, str):
