@@ -67,8 +67,9 @@ def test_every_kind_of_bad_file_is_named_in_one_pass(data_root, capsys):
     bad["missing mask"] = city_train[1]
     code, _, err = check(data_root, capsys)
     assert code == 1
-    problems = err.splitlines()
-    assert "5 problem(s):" in problems[0], err
+    assert "5 problem(s):" in err, err
+    problems = err[err.index("5 problem(s):"):].splitlines()[1:]
+    assert len(problems) == 5
     for kind, path in bad.items():
         assert any(str(path) in line for line in problems), (kind, err)
     assert any("truncated" in line and str(bad["truncated JPEG"]) in line for line in problems)
