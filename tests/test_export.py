@@ -45,13 +45,50 @@ def test_exported_model_matches_the_inference_net(tmp_path, tiny_data_kwargs, me
     assert preprocessing["input_range"] == [0, 1]
     mean = torch.tensor(preprocessing["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(preprocessing["std"]).view(1, 3, 1, 1)
-    images = torch.rand(2, 3, 64, 128, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        exported = model((images - mean) / std)
-        expected = task.eval().inference_net()(images)
-    torch.testing.assert_close(exported, expected, rtol=1e-5, atol=1e-5)
+    assert preprocessing["pad_to_multiple_of"] is None  # smp's Unet runs at any size
+    # Any size, 720x1280/8 (BDD100K) and sides that are multiples of nothing included.
+    for size in [(64, 128), (97, 131), (90, 160), (64, 64)]:
+        images = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            exported = model((images - mean) / std)
+            expected = task.eval().inference_net()(images)
+        torch.testing.assert_close(exported, expected, rtol=0, atol=1e-5, msg=f"at {size}")
+        assert torch.equal(exported.argmax(1), expected.argmax(1)), size
     # The trained weights, not a fresh init: the pair's other components give other outputs.
     if method == "deft":
         with torch.no_grad():
             adaptive = task.pair("adaptive_encoder", "adaptive_decoder")(images)
         assert not torch.allclose(adaptive, exported, atol=1e-4)
+
+
+def pad_as_preprocessing_says(normalised, multiple):
+    """What preprocessing.json tells a user of the export to do (zeros at bottom/right)."""
+    height, width = normalised.shape[-2:]
+    return torch.nn.functional.pad(normalised, (0, -width % multiple, 0, -height % multiple)), (height, width)
+
+
+def test_export_of_an_architecture_smp_runs_only_at_stride_multiples(tmp_path):
+    """FPN: smp raises at 97x131; padded as preprocessing.json says, the export gives the
+    library's logits (the library pads the same way)."""
+    task = JointFinetune(arch="FPN", encoder_name="resnet18", encoder_weights=None,
+                         arch_kwargs={"decoder_segmentation_channels": 32, "decoder_pyramid_channels": 32})
+    ckpt = tmp_path / "fpn.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
+                "task_class": "deft_lightning.tasks.joint.JointFinetune"}, ckpt)
+    out = tmp_path / "exported"
+    cli_main(["export", "--ckpt_path", str(ckpt), "--out", str(out)])
+    model = smp.from_pretrained(str(out)).eval()
+    preprocessing = json.loads((out / "preprocessing.json").read_text())
+    assert preprocessing["pad_to_multiple_of"] == 32
+    mean = torch.tensor(preprocessing["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(preprocessing["std"]).view(1, 3, 1, 1)
+    for size in [(97, 131), (90, 160), (64, 64)]:
+        images = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(1))
+        padded, (height, width) = pad_as_preprocessing_says((images - mean) / std, preprocessing["pad_to_multiple_of"])
+        with torch.no_grad():
+            exported = model(padded)[..., :height, :width]
+            expected = task.eval().inference_net()(images)
+        torch.testing.assert_close(exported, expected, rtol=0, atol=1e-5, msg=f"at {size}")
+        assert torch.equal(exported.argmax(1), expected.argmax(1)), size
+    with pytest.raises(RuntimeError, match="divisible by 32"):
+        model(torch.rand(1, 3, 97, 131))

@@ -23,8 +23,12 @@ def test_any_smp_arch_splits_into_encoder_and_decoder(arch, encoder, kwargs):
     torch.testing.assert_close(net.to_smp().eval()(net.normalize(images)), logits)
 
 
-def test_inputs_not_multiple_of_stride_are_padded_and_cropped_back():
-    net = SegmentationNet("Unet", "resnet18", None, 19, {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}).eval()
+@pytest.mark.parametrize("arch, kwargs, pads", [("Unet", {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}, None),
+                                               ("FPN", {}, 32)])
+def test_any_input_size_gives_logits_at_that_size(arch, kwargs, pads):
+    """smp runs a Unet at any size; other architectures are padded to stride multiples."""
+    net = SegmentationNet(arch, "resnet18", None, 19, kwargs).eval()
+    assert net.pad_to_multiple_of == pads
     logits = net(torch.rand(1, 3, 45, 70))
     assert logits.shape == (1, 19, 45, 70)
 

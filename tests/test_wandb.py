@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from test_cli import ROOT, deft_lightning
 
@@ -13,6 +14,7 @@ SWEPT = {  # sweep file -> the keys it sweeps (the others are fixed values)
     "daft_lr_step1.yaml": ["model.init_args.lr"],
     "daft_lr_step2.yaml": ["model.init_args.decoder_lr"],
     "deft_beta.yaml": ["model.init_args.beta_encoder", "model.init_args.beta_decoder", "model.init_args.lr"],
+    "fishertune_fraction_lr.yaml": ["model.init_args.fraction", "model.init_args.lr"],
 }
 
 
@@ -88,4 +90,13 @@ def test_offline_wandb_run_records_hparams_and_per_domain_metrics(tmp_path):
     domains = ["clear", "dusk", "fog", "night", "snow", "desert"]
     for key in ["val/mIoU_mean", "val/mIoU_source", *(f"val/{d}/mIoU" for d in domains)]:
         assert 0.0 <= logged[key] <= 1.0, key
+    # LogPredictions: an image | truth | prediction strip per domain, in one step, PNG in the run's files.
+    overlay_steps = {h.step.num for h in by_kind("history") if any("val/predictions" in "/".join(i.nested_key)
+                                                                   for i in h.item)}
+    assert len(overlay_steps) == 1, overlay_steps
+    for domain in domains:
+        assert logged[f"val/predictions/{domain}/_type"] == "images/separated"
+        (filename,) = logged[f"val/predictions/{domain}/filenames"]
+        with Image.open(run_file.parent / "files" / filename) as png:
+            assert png.size == (3 * 128, 64)  # image | truth | prediction at 64 x 128
     assert list(run.glob("checkpoints/*.ckpt"))

@@ -4,7 +4,7 @@ from .callbacks import BNConversion, DecoderWarmup, EMACallback, EMAPair
 from .data.datamodule import DatasetSpec, DGSegDataModule
 from .metrics import DomainIoU, iou_per_class, mean_iou
 from .net import SegmentationNet
-from .tasks import DAFT, DeFT, JointFinetune, SegmentationTask
+from .tasks import DAFT, DeFT, FisherTune, JointFinetune, SegmentationTask
 
 __version__ = "0.1.0"
 
@@ -18,6 +18,7 @@ __all__ = [
     "DomainIoU",
     "EMACallback",
     "EMAPair",
+    "FisherTune",
     "JointFinetune",
     "SegmentationNet",
     "SegmentationTask",

@@ -24,10 +24,16 @@ from typing import Any, Optional
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from . import run_folder
+from .atomic_io import clean_stale_temporaries
+from .callbacks import LogPredictions
+from .checkpoint_args import RUN_CHECKPOINTS, checkpoint_folders, checkpoint_model_args, resolve_run_checkpoint
+from .checkpoint_io import AtomicCheckpointIO
 from .data.datamodule import DGSegDataModule
+from .safe_load import CheckpointError, load_checkpoint
 from .tasks.base import SegmentationTask
 
 #: Verbs the library adds beside Lightning's: name -> "module:function". Each function takes
@@ -35,6 +41,7 @@ from .tasks.base import SegmentationTask
 #: so ``--help``, ``--config`` and error messages look the same for every verb.
 LIBRARY_COMMANDS = {
     "export": "deft_lightning.export:main",
+    "sweep": "deft_lightning.sweep:main",
     "check-data": "deft_lightning.check_data:main",
 }
 
@@ -63,7 +70,12 @@ def _is(entry: Any, class_name: str) -> bool:
 
 
 class DeftLightningCLI(LightningCLI):
-    """LightningCLI that puts every output of a run under one run folder (``run_dir``)."""
+    """LightningCLI with the library's run folder (:mod:`deft_lightning.run_folder`: every output
+    of a run under one folder, ``run_dir``) and checkpoint semantics
+    (:mod:`deft_lightning.checkpoint_args`): ``--ckpt_path last|best`` from a new process (the
+    newest run folder of the config), command-line/config values over a checkpoint's saved
+    hyperparameters, a model-class check, and no evaluation of an untrained net without
+    ``--allow_untrained true``."""
 
     #: The run folder of the command being run (set before the trainer is built).
     run_dir: Path | None = None
@@ -71,6 +83,9 @@ class DeftLightningCLI(LightningCLI):
     predictions_dir: Path | None = None
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--allow_untrained", type=bool, default=False,
+                            help="validate/test/predict without --ckpt_path: evaluate the net as "
+                                 "built (pretrained encoder, untrained decoder)")
         parser.add_argument("--run.root", type=str, default="runs", help="folder of the run folders")
         parser.add_argument("--run.name", type=Optional[str], default=None,
                             help="run name (default: the first --config file's stem)")
@@ -79,40 +94,102 @@ class DeftLightningCLI(LightningCLI):
         parser.add_argument("--run.predictions_dir", type=Optional[str], default=None,
                             help="predict: output folder (default: <run folder>/predict/predictions)")
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # What the command line and --config files give, without defaults: these values win
+        # over a checkpoint's saved hyperparameters.
+        self.explicit_config = (parser.parse_args(args, defaults=False)
+                                if args is None or isinstance(args, list) else None)
+
+    def _explicit_model_args(self, subcommand: str) -> dict:
+        if self.explicit_config is None:
+            return {}
+        init_args = self.explicit_config.get(f"{subcommand}.model.init_args")
+        return dict(init_args.items(branches=True)) if init_args is not None else {}
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        self._place_run(config, subcommand)  # --ckpt_path last|best look in the run folder
+        ckpt_path = config.get("ckpt_path")
+        try:
+            if ckpt_path in RUN_CHECKPOINTS:
+                which, ckpt_path = ckpt_path, str(resolve_run_checkpoint(ckpt_path, config))
+                config.ckpt_path = ckpt_path
+                rank_zero_info(f"--ckpt_path {which}: {ckpt_path}")
+            if not ckpt_path:
+                if subcommand != "fit" and not config.get("allow_untrained"):
+                    raise CheckpointError(
+                        f"`{subcommand}` without --ckpt_path would evaluate an untrained net; give "
+                        f"--ckpt_path PATH (or last, best), or --allow_untrained true to evaluate it anyway")
+                return
+            checkpoint = load_checkpoint(ckpt_path, mmap=True)
+            init_args, notes = checkpoint_model_args(checkpoint, ckpt_path, config.model,
+                                                     self._explicit_model_args(subcommand))
+        except CheckpointError as error:
+            self._remove_empty_run_dir()
+            self.parser.error(str(error))
+        for note in notes:
+            rank_zero_info(f"model: {note}")
+        update = {subcommand: {"model": {"class_path": config.model.class_path, "init_args": init_args}}}
+        self.config = self.parser.parse_object(update, self.config)
+
     def before_instantiate_classes(self) -> None:
-        stage = self.subcommand
-        if stage is None:  # run=False: the caller drives the trainer; fit's layout
-            config, stage = self.config, "fit"
-        else:
-            config = self.config[stage]
+        if self.subcommand is None:  # run=False: the caller drives the trainer; fit's layout
+            self._place_run(self.config, None)
+
+    @classmethod
+    def _remove_empty_run_dir(cls) -> None:
+        if cls.run_dir is not None:
+            run_folder.remove_empty_dirs(cls.run_dir, stop=cls.run_dir.parents[min(2, len(cls.run_dir.parents) - 1)])
+
+    def _place_run(self, config: Namespace, subcommand: str | None) -> None:
+        """Point the trainer's root, loggers, checkpoints and (predict) writer into the run folder."""
+        stage = subcommand or "fit"
         trainer = config.trainer
-        if trainer.default_root_dir is not None:  # explicit: the run folder itself
+        callbacks = list(trainer.callbacks or [])
+        if trainer.default_root_dir is not None:
+            # An explicit root (sweeps, benchmarks, own layouts): Lightning's layout under it.
             run_dir = Path(trainer.default_root_dir)
+            predictions = run_dir / "predictions"
         else:
             run = config.run
+            ckpt_path = config.get("ckpt_path")
             run_dir = run_folder.resolve_run_dir(
-                stage, run.root, run.name or run_folder.config_name(config.get("config")), run.version,
-                config.get("ckpt_path"), create=self.subcommand is not None)
+                "validate" if ckpt_path in RUN_CHECKPOINTS else stage,  # last|best: the newest run
+                run.root, run.name or run_folder.config_name(config.get("config")), run.version,
+                None if ckpt_path in RUN_CHECKPOINTS else ckpt_path, create=subcommand is not None)
+            predictions = run_dir / "predict" / "predictions"
+            trainer.default_root_dir = str(run_dir / stage)
+            trainer.logger = self._loggers_under(trainer.logger, run_dir, stage)
+            for callback in callbacks:
+                if _is(callback, "ModelCheckpoint") and callback.init_args.get("dirpath") is None:
+                    callback.init_args.dirpath = str(run_dir / "checkpoints")
+            if stage == "fit" and trainer.enable_checkpointing is not False and not any(
+                    _is(c, "ModelCheckpoint") for c in callbacks):
+                callbacks.append(_class_config(CHECKPOINT, dirpath=str(run_dir / "checkpoints"), save_last=True))
         type(self).run_dir = self.run_dir = run_dir
-        trainer.default_root_dir = str(run_dir / stage)
-        trainer.logger = self._loggers_under(trainer.logger, run_dir, stage)
-        callbacks = list(trainer.callbacks or [])
-        for callback in callbacks:
-            if _is(callback, "ModelCheckpoint") and callback.init_args.get("dirpath") is None:
-                callback.init_args.dirpath = str(run_dir / "checkpoints")
-        if stage == "fit" and trainer.enable_checkpointing is not False and not any(
-                _is(c, "ModelCheckpoint") for c in callbacks):
-            callbacks.append(_class_config(CHECKPOINT, dirpath=str(run_dir / "checkpoints"), save_last=True))
         if stage == "predict":
             writers = [c for c in callbacks if _is(c, "PredictionWriter")]
             if not writers:
                 callbacks.append(_class_config(PREDICTION_WRITER, output_dir=config.run.predictions_dir
-                                               or str(run_dir / "predict" / "predictions")))
+                                               or str(predictions)))
             elif config.run.predictions_dir is not None:
                 writers[0].init_args.output_dir = config.run.predictions_dir
             writer = writers[0] if writers else callbacks[-1]
             self.predictions_dir = Path(writer.init_args.output_dir)
         trainer.callbacks = callbacks
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        for folder in checkpoint_folders(self.config[self.subcommand] if self.subcommand else self.config):
+            clean_stale_temporaries(folder)  # left by a killed run
+        # Atomic checkpoint writes and weights-only loads, unless a plugin chose another IO.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         # The task prints one table per stage, domains as columns (Lightning's own repeats every
@@ -146,6 +223,8 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> LightningC
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        # Appended to the config's callbacks; acts only with a wandb or TensorBoard logger.
+        trainer_defaults={"callbacks": [LogPredictions()]},
         args=args,
         run=run,
     )
@@ -163,9 +242,7 @@ def _run_lightning(argv: list[str] | None) -> None:
     try:
         cli = lightning_cli(argv)
     except BaseException:
-        run_dir = DeftLightningCLI.run_dir
-        if run_dir is not None:
-            run_folder.remove_empty_dirs(run_dir, stop=run_dir.parents[min(2, len(run_dir.parents) - 1)])
+        DeftLightningCLI._remove_empty_run_dir()
         raise
     _report(cli)
 

@@ -59,9 +59,13 @@ class DomainIoU(nn.Module):
         """Add a batch of predicted class maps and label maps (both ``N x H x W``)."""
         self.confusion[self._index[domain]].update(preds, target)
 
+    def confusion_matrices(self) -> dict[str, Tensor]:
+        """The confusion matrix per domain (rows: truth), summed over DDP ranks (a collective)."""
+        return {domain: metric.compute() for domain, metric in zip(self.domains, self.confusion)}
+
     def compute(self) -> dict[str, Tensor]:
         """Per-class IoU per domain, synced across DDP ranks (a collective: call on every rank)."""
-        return {domain: iou_per_class(metric.compute()) for domain, metric in zip(self.domains, self.confusion)}
+        return {domain: iou_per_class(confusion) for domain, confusion in self.confusion_matrices().items()}
 
     def reset(self) -> None:
         for metric in self.confusion:

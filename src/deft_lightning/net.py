@@ -6,6 +6,14 @@ them different learning rates, FisherTune masks the encoder. ``decoder`` is smp'
 
 Inputs are RGB images in [0, 1]; the net normalises them with the mean/std its encoder
 weights expect (recorded as buffers, so a checkpoint carries them).
+
+Input sizes: the net computes what the smp model computes (``to_smp()``, and the model
+``deft-lightning export`` writes) at every size smp accepts. smp runs a ``Unet`` at any size
+(its decoder resizes to the skip features); every other architecture needs sides that are
+multiples of the encoder's output stride and raises otherwise. There, and only there, the net
+pads the normalised input with zeros (the mean colour) at the bottom/right up to the next
+multiple and crops the logits back: what smp's error message asks its users to do, and what
+``preprocessing.json`` (``pad_to_multiple_of``) tells users of an exported model.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ class SegmentationDecoder(nn.Module):
     """smp decoder + segmentation head: encoder features -> logits at the input size.
 
     ``features[0]`` is the (normalised) input in smp's encoders, which gives the output size.
+    ViT encoders (smp ``DPT``) return ``(feature maps, prefix tokens)`` instead; their decoder
+    takes both and their head already upsamples to the input size.
     """
 
     def __init__(self, decoder: nn.Module, head: nn.Module) -> None:
@@ -33,7 +43,9 @@ class SegmentationDecoder(nn.Module):
         self.decoder = decoder
         self.head = head
 
-    def forward(self, features: list[Tensor]) -> Tensor:
+    def forward(self, features: list[Tensor] | tuple[list[Tensor], list[Tensor | None]]) -> Tensor:
+        if isinstance(features, tuple):
+            return self.head(self.decoder(*features))
         logits = self.head(self.decoder(features))
         size = features[0].shape[-2:]
         if logits.shape[-2:] != size:
@@ -92,6 +104,8 @@ class SegmentationNet(nn.Module):
             **(arch_kwargs or {}),
         }
         model = smp.create_model(**self.smp_config, encoder_weights=None)
+        #: smp raises on sides that are not multiples of the output stride: pad those.
+        self.pads_input = bool(getattr(model, "requires_divisible_input_shape", True))
         self.encoder = model.encoder
         self.decoder = SegmentationDecoder(model.decoder, model.segmentation_head)
         mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -110,12 +124,17 @@ class SegmentationNet(nn.Module):
         """[0, 1] RGB -> the encoder's input distribution."""
         return (images - self.input_mean) / self.input_std
 
+    @property
+    def pad_to_multiple_of(self) -> int | None:
+        """The multiple the input's sides are padded to (``None``: any size runs as it is)."""
+        return self.output_stride if self.pads_input else None
+
     def forward(self, images: Tensor) -> Tensor:
-        """Logits at the input size. An input whose sides are not multiples of the encoder's
-        output stride (BDD100K's 720 rows, say) is padded with the mean colour at the
-        bottom/right and the logits are cropped back."""
+        """Logits at the input size. For architectures smp runs only at multiples of the
+        output stride, an input of another size (BDD100K's 720 rows, say) is padded with the
+        mean colour at the bottom/right and the logits are cropped back."""
         height, width = images.shape[-2:]
-        stride = self.output_stride
+        stride = self.pad_to_multiple_of or 1
         pad_h, pad_w = -height % stride, -width % stride
         inputs = self.normalize(images)
         if pad_h or pad_w:

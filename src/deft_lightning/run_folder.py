@@ -10,9 +10,9 @@
 ``<name>`` is the first ``--config`` file's stem (``--run.name`` sets it); ``fit`` opens the
 next free version, and validate/test/predict write into the run folder of the checkpoint they
 are given (``.../version_N/checkpoints/x.ckpt``), else into the newest version of ``<name>``,
-else a new one. ``--run.version`` picks a version, and an explicit ``--trainer.default_root_dir``
-is taken as the run folder itself (no name or version). Loggers write under the stage's folder,
-so every run (and every wandb run) keeps its own ``config.yaml``.
+else a new one. ``--run.version`` picks a version. Loggers write under the stage's folder, so
+every run (and every wandb run) keeps its own ``config.yaml``. An explicit
+``--trainer.default_root_dir`` (sweeps, benchmarks) opts out: Lightning's own layout under it.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from .base import SegmentationTask
 from .daft import DAFT
 from .deft import DeFT
+from .fishertune import FisherTune
 from .joint import JointFinetune
 
-__all__ = ["DAFT", "DeFT", "JointFinetune", "SegmentationTask"]
+__all__ = ["DAFT", "DeFT", "FisherTune", "JointFinetune", "SegmentationTask"]

@@ -16,7 +16,8 @@ A method overrides the hooks, not the loops:
 Evaluation dataloaders come one per domain (names from the datamodule's ``eval_domains``);
 the first one may be the source domain's held-out split (``source_val_domain``). Logged:
 ``val/<domain>/mIoU``, ``val/mIoU_mean`` (mean over the *target* domains) and
-``val/mIoU_source``; at test time the same under ``test/`` plus a per-class IoU table.
+``val/mIoU_source``; at test time the same under ``test/`` plus, in the log folder, the per-class
+IoU table ``test_iou.md``, ``test_results.json`` and a confusion-matrix PNG per domain.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..data.labels import CLASSES, IGNORE_INDEX, NUM_CLASSES
 from ..data.transforms import lab_style_augmentation
 from ..metrics import DomainIoU
 from ..net import SegmentationNet
+from ..results import write_test_results
 
 
 class SegmentationTask(LightningModule):
@@ -53,6 +55,10 @@ class SegmentationTask(LightningModule):
         style_augmentation: append a LAB-restyled copy of every training batch, labels
             duplicated (DeFT's recipe; :func:`~deft_lightning.data.transforms.lab_style_augmentation`).
     """
+
+    #: Hyperparameters that fix the weights' shapes: taken from a checkpoint even where the
+    #: command line or a config gives another value (``deft_lightning.checkpoint_args``).
+    weight_shape_hparams: tuple[str, ...] = ("arch", "encoder_name", "encoder_weights", "num_classes", "arch_kwargs")
 
     def __init__(
         self,
@@ -78,6 +84,7 @@ class SegmentationTask(LightningModule):
         self.configure_losses()
         self.metrics: DomainIoU | None = None
         self.source_val_domain: str | None = None
+        self.test_ious: dict[str, Tensor] = {}
         if domains:
             self.configure_metrics(domains)
 
@@ -208,13 +215,17 @@ class SegmentationTask(LightningModule):
         self._log_domain_miou("val")
 
     def on_test_epoch_end(self) -> None:
+        confusions = self.metrics.confusion_matrices()  # before _log_domain_miou resets them
         ious = self._log_domain_miou("test")
+        self.test_ious = ious  # read by callbacks in on_test_end (e.g. LogPredictions' table)
         table = format_iou_table(ious, self.source_val_domain)
         rank_zero_info("\n" + table)
         if self.trainer.is_global_zero and self.trainer.log_dir:
             path = Path(self.trainer.log_dir) / "test_iou.md"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(table + "\n")
+            # Beside it: test_results.json (confusion matrices, per-class IoU) and confusion_<domain>.png.
+            write_test_results(path.parent, confusions, self.source_val_domain)
 
     # ---- predict ---------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:

@@ -33,12 +33,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import torch
 from lightning.pytorch import Callback
 from torch import nn
 
 from ..callbacks import BNConversion
 from ..callbacks.warmup import _set_bn_eval
+from ..safe_load import load_checkpoint
 from .base import SegmentationTask
 
 PARTS = ("encoder", "decoder")
@@ -109,7 +109,7 @@ class DAFT(SegmentationTask):
         super().setup(stage)
         path = self.hparams.init_checkpoint
         if stage == "fit" and path and not self._init_checkpoint_loaded:
-            state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+            state = load_checkpoint(path)["state_dict"]
             net_state = {key[len("net."):]: value for key, value in state.items() if key.startswith("net.")}
             self.net.load_state_dict(net_state)
             self._init_checkpoint_loaded = True

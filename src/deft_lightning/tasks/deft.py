@@ -99,6 +99,9 @@ class DeFT(SegmentationTask):
         **kwargs: see :class:`SegmentationTask` (``schedule_steps`` is the stage-2 horizon).
     """
 
+    #: ``distance_regularization`` adds the ACs' start copies to the weights.
+    weight_shape_hparams = (*SegmentationTask.weight_shape_hparams, "distance_regularization")
+
     def __init__(
         self,
         *args: Any,

@@ -1,0 +1,49 @@
+"""Write a run's final metrics to ``summary.json``: what ``deft-lightning sweep`` and
+``deft-lightning report`` read, whatever logger the run used."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+
+class RunSummary(Callback):
+    """At the end of ``fit`` and of ``test``, the last value of every logged metric (as a
+    wandb run summary holds), the step, and the checkpoints ModelCheckpoint wrote, under the
+    key ``"fit"`` or ``"test"`` of one JSON file (the other stage's entry is kept).
+
+    Args:
+        path: the JSON file (default ``<trainer.default_root_dir>/summary.json``).
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        checkpoint = trainer.checkpoint_callback
+        self._write(trainer, "fit", {
+            "last_checkpoint": getattr(checkpoint, "last_model_path", "") or None,
+            "best_checkpoint": getattr(checkpoint, "best_model_path", "") or None,
+        })
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write(trainer, "test", {})
+
+    def _write(self, trainer: Trainer, stage: str, extra: dict[str, Any]) -> None:
+        if not trainer.is_global_zero:
+            return
+        path = Path(self.path or Path(trainer.default_root_dir) / "summary.json")
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
+        entry = {"metrics": {k: (None if math.isnan(v) else v) for k, v in sorted(metrics.items())},
+                 "global_step": trainer.global_step, "log_dir": trainer.log_dir, **extra}
+        summary = json.loads(path.read_text()) if path.exists() else {}
+        summary[stage] = entry
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(summary, indent=1) + "\n")
+        os.replace(partial, path)

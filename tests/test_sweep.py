@@ -1,0 +1,141 @@
+"""`deft-lightning sweep`: wandb sweep files expanded and run locally."""
+
+import csv
+import itertools
+import json
+import math
+
+import pytest
+import yaml
+from PIL import Image
+from conftest import TINY_DATA, TINY_NET
+
+from deft_lightning.sweep import SweepError, agent_command, expand, load_sweep, main, swept_names
+from test_cli import ROOT, deft_lightning
+
+SWEEPS = sorted((ROOT / "configs/sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_shipped_sweep_expands_into_wandbs_grid_and_commands(path):
+    """Grid: every combination once, parameters in name order with the last varying fastest
+    (wandb's grid_search_next_runs); each point's command is the one wandb's agent builds."""
+    from wandb.sdk.launch.sweeps import utils as wandb_sweep_utils
+
+    spec = load_sweep(path)
+    points = expand(spec)
+    names = sorted(spec["parameters"])
+    choices = [spec["parameters"][n]["values"] if "values" in spec["parameters"][n] else [spec["parameters"][n]["value"]]
+               for n in names]
+    assert len(points) == math.prod(len(c) for c in choices) > 1
+    assert points == [dict(zip(names, combo)) for combo in itertools.product(*choices)]
+    assert len({json.dumps(p, sort_keys=True) for p in points}) == len(points)
+    for values in (points[0], points[-1]):
+        wandb_vars = wandb_sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in values.items()}})
+        wandb_vars.update(env=["/usr/bin/env"], interpreter=["python"], program=[spec["program"]])
+        expected = [part for chunk in wandb_sweep_utils.create_sweep_command(spec["command"])
+                    for part in (wandb_vars[chunk[2:-1]] if chunk.startswith("${") else [chunk])]
+        assert agent_command(spec, values) == expected
+
+
+RANDOM_SWEEP = {
+    "method": "random",
+    "metric": {"name": "val/mIoU_source", "goal": "maximize"},
+    "parameters": {
+        "a.constant": {"value": 3},
+        "a.categorical": {"values": ["x", "y", "z"]},
+        "a.weighted": {"values": [1, 2], "probabilities": [0.0, 1.0]},
+        "a.int": {"min": 2, "max": 5},
+        "a.uniform": {"min": 0.5, "max": 1.5},
+        "a.q_uniform": {"distribution": "q_uniform", "min": 0, "max": 10, "q": 2},
+        "a.log_exponents": {"distribution": "log_uniform", "min": -4.0, "max": -1.0},
+        "a.log_values": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-1},
+        "a.inv_log_values": {"distribution": "inv_log_uniform_values", "min": 0.9, "max": 0.9999},
+        "a.normal": {"distribution": "normal", "mu": 5.0, "sigma": 0.001},
+        "a.beta": {"distribution": "beta", "a": 2, "b": 2},
+    },
+}
+
+
+def test_random_sweep_is_seeded_and_within_its_distributions(tmp_path):
+    path = tmp_path / "random.yaml"
+    path.write_text(yaml.safe_dump(RANDOM_SWEEP))
+    spec = load_sweep(path)
+    points = expand(spec, count=40, seed=3)
+    assert points == expand(spec, count=40, seed=3) and points != expand(spec, count=40, seed=4)
+    assert len(points) == 40
+    for p in points:
+        assert p["a.constant"] == 3 and p["a.categorical"] in ("x", "y", "z") and p["a.weighted"] == 2
+        assert p["a.int"] in range(2, 6) and 0.5 <= p["a.uniform"] <= 1.5
+        assert p["a.q_uniform"] in (0, 2, 4, 6, 8, 10) and isinstance(p["a.q_uniform"], int)
+        assert math.exp(-4) <= p["a.log_exponents"] <= math.exp(-1) and 1e-4 <= p["a.log_values"] <= 1e-1
+        assert 0.9 <= p["a.inv_log_values"] <= 0.9999 and abs(p["a.normal"] - 5) < 0.01 and 0 <= p["a.beta"] <= 1
+    assert {p["a.categorical"] for p in points} == {"x", "y", "z"} and len({p["a.int"] for p in points}) == 4
+    assert swept_names(spec) == sorted(set(RANDOM_SWEEP["parameters"]) - {"a.constant"})
+    with pytest.raises(SweepError, match="--count"):
+        expand(spec)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"method": "bayes"}, "wandb agent"),
+    ({"method": "hyperband"}, "method must be"),
+    ({"parameters": {"lr": {"distribution": "uniform", "min": 0.1, "max": 0.01}}}, "min 0.1 is not less than max"),
+    ({"parameters": {"lr": {"distribution": "cauchy"}}}, "unknown distribution 'cauchy'"),
+    ({"method": "grid", "parameters": {"lr": {"min": 0.1, "max": 1.0}}}, "a grid takes only"),
+])
+def test_sweep_file_errors_name_the_problem(tmp_path, change, message, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**RANDOM_SWEEP, **change}))
+    with pytest.raises(SystemExit, match=message) as error:
+        main([str(path), "--count", "2", "--dry_run", "true"])
+    assert str(path) in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(tmp_path_factory):
+    """A 2-point lr grid on the joint config, tiny net and data, 2 points at once, each tested."""
+    root = tmp_path_factory.mktemp("sweep")
+    tiny = {"model": {"init_args": TINY_NET},
+            "data": {"init_args": {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_DATA.items()}},
+            "trainer": {"max_steps": 2, "val_check_interval": 2, "num_sanity_val_steps": 0,
+                        "enable_progress_bar": False, "enable_model_summary": False}}
+    (root / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    sweep = {"program": "deft-lightning", "method": "grid", "metric": {"name": "val/mIoU_source", "goal": "maximize"},
+             "parameters": {"model.init_args.lr": {"values": [0.05, 0.0001]}, "model.init_args.momentum": {"value": 0.9}},
+             "command": ["${env}", "${program}", "fit", "--config", str(ROOT / "configs/joint.yaml"),
+                         "--config", "tiny.yaml", "${args}"]}
+    (root / "grid.yaml").write_text(yaml.safe_dump(sweep))
+    args = ("sweep", "grid.yaml", "--parallel", "2", "--test", "true", "--root", "runs/grid")
+    first = deft_lightning(*args, cwd=root)
+    first.table = (root / "runs/grid/sweep.csv").read_text() if first.returncode == 0 else None
+    second = deft_lightning(*args, cwd=root)
+    return root / "runs/grid", first, second
+
+
+def test_grid_sweep_runs_every_point_and_ranks_them_by_the_metric(grid_sweep):
+    folder, first, _ = grid_sweep
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    rows = list(csv.DictReader(open(folder / "sweep.csv")))
+    assert sorted(r["point"] for r in rows) == ["lr=0.0001", "lr=0.05"]
+    assert all(r["status"] == "done" for r in rows)
+    scores = [float(r["val/mIoU_source"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert "lr=0.05" in (folder / "sweep.md").read_text() and "lr=0.0001" in first.stdout
+    for row in rows:
+        summary = json.loads((folder / row["point"] / "summary.json").read_text())
+        assert summary["fit"]["metrics"]["val/mIoU_source"] == pytest.approx(float(row["val/mIoU_source"]))
+        assert 0 <= summary["test"]["metrics"]["test/mIoU_mean"] <= 1 and summary["fit"]["global_step"] == 2
+        (results,) = (folder / row["point"]).rglob("test_results.json")  # `deft-lightning test` wrote it
+        assert (results.parent / "test_iou.md").exists()
+        for domain in ("clear", "night", "fog"):  # a confusion-matrix PNG per domain beside test_iou.md
+            with Image.open(results.parent / f"confusion_{domain}.png") as png:
+                assert png.format == "PNG" and min(png.size) > 200
+        config = yaml.safe_load(next((folder / row["point"]).rglob("config.yaml")).read_text())
+        assert config["model"]["init_args"]["lr"] == float(row["model.init_args.lr"])
+
+
+def test_grid_sweep_rerun_keeps_finished_points(grid_sweep):
+    folder, first, second = grid_sweep
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("finished before, kept") == 2 and "running" not in second.stdout
+    assert (folder / "sweep.csv").read_text() == first.table
