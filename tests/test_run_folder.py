@@ -93,7 +93,8 @@ def test_lp_rerun_then_lpft_starts_from_the_new_lp_checkpoint(tmp_path, monkeypa
     # lr 0: LP-FT's weights stay those it started from.
     main(["fit", "--config", str(ROOT / "configs/lpft.yaml"), *tiny, "--model.init_args.lr=0",
           "--model.init_args.decoder_lr=0", "--model.init_args.init_checkpoint=runs/lp/version_1/checkpoints/last.ckpt"])
-    lpft = _net_state(tmp_path / "runs/lpft/version_0/checkpoints/last.ckpt")
+    printed = capsys.readouterr().out.split("Run folder: ")[-1].split()[0]  # the folder it names
+    lpft = _net_state(tmp_path / printed / "checkpoints/last.ckpt")
     new, old = (_net_state(tmp_path / f"runs/lp/version_{v}/checkpoints/last.ckpt") for v in (1, 0))
     head = next(key for key in lpft if "segmentation_head" in key or "head" in key)
     assert all(torch.equal(lpft[key], new[key]) for key in lpft)

@@ -36,6 +36,7 @@ from ..data.labels import CLASSES, IGNORE_INDEX, NUM_CLASSES
 from ..data.transforms import lab_style_augmentation
 from ..metrics import DomainIoU
 from ..net import SegmentationNet
+from ..sliding_window import sliding_window_logits
 from ..results import write_test_results
 
 
@@ -54,6 +55,11 @@ class SegmentationTask(LightningModule):
             ``eval_domains``.
         style_augmentation: append a LAB-restyled copy of every training batch, labels
             duplicated (DeFT's recipe; :func:`~deft_lightning.data.transforms.lab_style_augmentation`).
+        sliding_window, sliding_stride: evaluate (validate/test/predict) with sliding-window
+            inference, windows of (height, width) every (height, width) pixels with logits
+            averaged over overlaps (mmsegmentation's ``slide``;
+            :mod:`~deft_lightning.sliding_window`); ``None`` (default): whole-image inference,
+            the DG protocol. The stride defaults to two thirds of the window.
     """
 
     #: Hyperparameters that fix the weights' shapes: taken from a checkpoint even where the
@@ -77,6 +83,8 @@ class SegmentationTask(LightningModule):
         schedule_steps: int | None = None,
         domains: list[str] | None = None,
         style_augmentation: bool = False,
+        sliding_window: tuple[int, int] | None = None,
+        sliding_stride: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -140,7 +148,13 @@ class SegmentationTask(LightningModule):
             self.configure_metrics(list(domains))
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.inference_net()(images)
+        """Logits of the inference net: whole-image, or sliding-window when ``sliding_window`` is set."""
+        window = self.hparams.get("sliding_window")
+        if window is None:
+            return self.inference_net()(images)
+        window = tuple(window)
+        stride = self.hparams.get("sliding_stride") or tuple(max(1, 2 * side // 3) for side in window)
+        return sliding_window_logits(self.inference_net(), images, window, tuple(stride))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # `deft-lightning export` rebuilds the task from its class and hyperparameters.
@@ -212,7 +226,9 @@ class SegmentationTask(LightningModule):
         return ious
 
     def on_validation_epoch_end(self) -> None:
-        self._log_domain_miou("val")
+        ious = self._log_domain_miou("val")
+        if self.trainer.state.fn == "validate":  # `validate` alone: one table, domains as columns
+            rank_zero_info("\n" + format_iou_table(ious, self.source_val_domain))
 
     def on_test_epoch_end(self) -> None:
         confusions = self.metrics.confusion_matrices()  # before _log_domain_miou resets them
