@@ -32,6 +32,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import torch  # noqa: E402
 
 from deft_lightning.cli import lightning_cli  # noqa: E402
+from deft_lightning.report import mean_std  # noqa: E402,F401  (compare_daft imports it from here)
 
 MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 
@@ -70,13 +71,6 @@ def fit_and_test(config: Path, overrides: list[str], root: Path) -> Run:
     result_file.write_text(json.dumps({"args": args, "metrics": metrics, "domains": domains,
                                        "source": source, "minutes": minutes}, indent=1))
     return metrics, domains, source, minutes
-
-
-def mean_std(values: list[float]) -> str:
-    """``mean`` for one value, ``mean ± sample std`` for several."""
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def markdown_table(rows: dict[str, list[Run]]) -> str:

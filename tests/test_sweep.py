@@ -139,3 +139,31 @@ def test_grid_sweep_rerun_keeps_finished_points(grid_sweep):
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("finished before, kept") == 2 and "running" not in second.stdout
     assert (folder / "sweep.csv").read_text() == first.table
+
+
+def test_report_on_the_two_finished_points(grid_sweep):
+    """`report` on the sweep folder: both points in the table and CSV, the three figures as PNGs
+    of the size the figure functions set (constrained layout: figsize x 100 dpi)."""
+    from deft_lightning.plots import bars_width
+    from deft_lightning.report import report
+
+    folder, first, _ = grid_sweep
+    assert first.returncode == 0
+    result = report(run_dirs=[str(folder)])
+    rows = list(csv.DictReader(open(folder / "report/report.csv")))
+    assert [r["run"] for r in rows] == [r["point"] for r in csv.DictReader(open(folder / "sweep.csv"))]
+    assert {r["model.init_args.lr"] for r in rows} == {"0.05", "0.0001"} and all(r["stage"] == "test" for r in rows)
+    for row in rows:
+        summary = json.loads((folder / row["run"] / "summary.json").read_text())["test"]["metrics"]
+        assert float(row["mean_over_targets"]) == pytest.approx(100 * summary["test/mIoU_mean"], abs=1e-3)
+        assert float(row["clear_source"]) == pytest.approx(100 * summary["test/mIoU_source"], abs=1e-3)
+    assert "| lr=0.05 | 0.05 | 0 | test |" in (folder / "report/report.md").read_text()
+    sizes = {}
+    for name in ("per_domain_miou", "per_class_iou", "metric_vs_parameters"):
+        with Image.open(folder / "report" / f"{name}.png") as png:
+            png.load()
+            sizes[name] = png.size
+    assert sizes["per_domain_miou"] == (round(100 * bars_width(3, 2)), 400)  # 3 domains, 2 runs
+    assert sizes["metric_vs_parameters"] == (420, 340)  # one swept parameter: one panel
+    assert sizes["per_class_iou"][1] > 19 * 28  # a row per class
+    assert [f.name for f in result.files][:2] == ["report.md", "report.csv"]

@@ -14,6 +14,7 @@ SWEPT = {  # sweep file -> the keys it sweeps (the others are fixed values)
     "daft_lr_step1.yaml": ["model.init_args.lr"],
     "daft_lr_step2.yaml": ["model.init_args.decoder_lr"],
     "deft_beta.yaml": ["model.init_args.beta_encoder", "model.init_args.beta_decoder", "model.init_args.lr"],
+    "deft_beta_cpu.yaml": ["model.init_args.beta_encoder", "model.init_args.beta_decoder"],
     "fishertune_fraction_lr.yaml": ["model.init_args.fraction", "model.init_args.lr"],
 }
 

@@ -2,6 +2,7 @@
 
 from .callbacks import BNConversion, DecoderWarmup, EMACallback, EMAPair
 from .data.datamodule import DatasetSpec, DGSegDataModule
+from .merging import merge_layerwise
 from .metrics import DomainIoU, iou_per_class, mean_iou
 from .net import SegmentationNet
 from .tasks import DAFT, DeFT, FisherTune, JointFinetune, SegmentationTask
@@ -24,4 +25,5 @@ __all__ = [
     "SegmentationTask",
     "iou_per_class",
     "mean_iou",
+    "merge_layerwise",
 ]

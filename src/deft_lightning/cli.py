@@ -4,6 +4,7 @@ library's own verbs.
     deft-lightning fit --config configs/joint.yaml [--config configs/trainer/cpu.yaml] [--trainer.max_steps=100]
     deft-lightning test --config configs/joint.yaml --ckpt_path runs/joint/version_0/checkpoints/last.ckpt
     deft-lightning export --ckpt_path runs/joint/version_0/checkpoints/last.ckpt --out exported/
+    deft-lightning merge --checkpoints a.ckpt b.ckpt --anchor b.ckpt --out merged.ckpt
 
 Model and data are chosen by class path in the YAML (any ``SegmentationTask`` subclass, any
 ``LightningDataModule``); every key can be overridden on the command line. Each run writes
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
@@ -30,9 +32,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from . import run_folder
 from .atomic_io import clean_stale_temporaries
 from .callbacks import LogPredictions
+from .callbacks.progress import ResumingProgressBar
 from .checkpoint_args import RUN_CHECKPOINTS, checkpoint_folders, checkpoint_model_args, resolve_run_checkpoint
 from .checkpoint_io import AtomicCheckpointIO
 from .data.datamodule import DGSegDataModule
+from .precision import precision_for_hardware
 from .safe_load import CheckpointError, load_checkpoint
 from .tasks.base import SegmentationTask
 
@@ -41,7 +45,9 @@ from .tasks.base import SegmentationTask
 #: so ``--help``, ``--config`` and error messages look the same for every verb.
 LIBRARY_COMMANDS = {
     "export": "deft_lightning.export:main",
+    "merge": "deft_lightning.merge_checkpoints:main",
     "sweep": "deft_lightning.sweep:main",
+    "report": "deft_lightning.report:main",
     "check-data": "deft_lightning.check_data:main",
 }
 
@@ -93,6 +99,9 @@ class DeftLightningCLI(LightningCLI):
                             help="run version (default: fit a new one; others the checkpoint's run or the newest)")
         parser.add_argument("--run.predictions_dir", type=Optional[str], default=None,
                             help="predict: output folder (default: <run folder>/predict/predictions)")
+        parser.add_argument("--precision_by_hardware", type=bool, default=False,
+                            help="set trainer.precision to bf16-mixed where the device has native "
+                                 "bf16 (AMX/AVX512-BF16 CPU, bf16 GPU), else 32-true")
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
@@ -137,8 +146,13 @@ class DeftLightningCLI(LightningCLI):
         self.config = self.parser.parse_object(update, self.config)
 
     def before_instantiate_classes(self) -> None:
-        if self.subcommand is None:  # run=False: the caller drives the trainer; fit's layout
-            self._place_run(self.config, None)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if not subcommand:  # run=False: the caller drives the trainer; fit's layout
+            self._place_run(config, None)
+        if config.get("precision_by_hardware"):
+            config.trainer.precision, reason = precision_for_hardware(config.trainer.accelerator)
+            rank_zero_info(f"--precision_by_hardware: trainer.precision={config.trainer.precision} ({reason})")
 
     @classmethod
     def _remove_empty_run_dir(cls) -> None:
@@ -189,6 +203,10 @@ class DeftLightningCLI(LightningCLI):
         # Atomic checkpoint writes and weights-only loads, unless a plugin chose another IO.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        bar = trainer.progress_bar_callback
+        if type(bar) is TQDMProgressBar:  # Lightning's default: one that knows mid-epoch resumes
+            trainer.callbacks[trainer.callbacks.index(bar)] = ResumingProgressBar(
+                bar.refresh_rate, bar.process_position, bar._leave)
         return trainer
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The figures the library draws (matplotlib's object API: no pyplot state, any backend).
 
-Each function returns a :class:`matplotlib.figure.Figure`; :func:`save` writes it as PNG.
+Each function returns a :class:`matplotlib.figure.Figure` with constrained layout (so the PNG
+is exactly ``figsize × dpi`` pixels); :func:`save` writes it.
 Values are in percent (mIoU/IoU × 100).
 """
 
@@ -20,7 +21,7 @@ def save(figure: Figure, path: str | Path, dpi: int = 100) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    figure.savefig(partial, dpi=dpi, format="png", bbox_inches="tight")
+    figure.savefig(partial, dpi=dpi, format="png")  # constrained layout: the size is figsize x dpi
     partial.replace(path)
     return path
 
@@ -35,7 +36,7 @@ def confusion_figure(confusion: np.ndarray, classes: Sequence[str], title: str) 
     percent = np.divide(100 * matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
     names = [classes[i] for i in present]
     size = 1.5 + 0.42 * len(names)
-    figure = Figure(figsize=(size + 1.2, size))
+    figure = Figure(figsize=(size + 1.2, size), layout="constrained")
     axes = figure.add_subplot()
     image = axes.imshow(percent, cmap="Blues", vmin=0, vmax=100)
     axes.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
@@ -57,19 +58,24 @@ def grouped_bars(values: dict[str, dict[str, float]], errors: dict[str, dict[str
     runs = list(values)
     groups = list(dict.fromkeys(g for run in runs for g in values[run]))
     width = 0.8 / max(1, len(runs))
-    figure = Figure(figsize=(max(6.0, 1.2 * len(groups) + 0.25 * len(runs) * len(groups)), 4.0))
+    figure = Figure(figsize=(bars_width(len(groups), len(runs)), 4.0), layout="constrained")
     axes = figure.add_subplot()
     for index, run in enumerate(runs):
         heights = [values[run].get(g, math.nan) for g in groups]
-        yerr = [(errors or {}).get(run, {}).get(g, 0.0) for g in groups] if errors else None
+        yerr = [errors[run].get(g, 0.0) for g in groups] if errors and errors.get(run) else None
         axes.bar(np.arange(len(groups)) + (index - (len(runs) - 1) / 2) * width, heights, width,
                  yerr=yerr, capsize=2, label=run)
     axes.set_xticks(range(len(groups)), groups)
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(axis="y", alpha=0.3)
-    axes.legend(fontsize=7, ncols=max(1, math.ceil(len(runs) / 12)), loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.legend(fontsize=7, ncols=max(1, math.ceil(len(runs) / 12)), loc="outside right upper")
     return figure
+
+
+def bars_width(groups: int, runs: int) -> float:
+    """Width in inches of :func:`grouped_bars`' figure (4 inches high)."""
+    return max(6.0, 1.2 * groups + 0.25 * runs * groups) + 1.5
 
 
 def iou_heatmaps(tables: dict[str, np.ndarray], classes: Sequence[str], domains: Sequence[str]) -> Figure:
@@ -78,7 +84,8 @@ def iou_heatmaps(tables: dict[str, np.ndarray], classes: Sequence[str], domains:
     names = list(tables)
     columns = min(len(names), 4)
     rows = math.ceil(len(names) / columns)
-    figure = Figure(figsize=(0.55 * len(domains) * columns + 2.5 + 1.0 * columns, 0.28 * len(classes) * rows + 1.0))
+    figure = Figure(figsize=(0.55 * len(domains) * columns + 2.5 + 1.0 * columns, 0.28 * len(classes) * rows + 1.0),
+                    layout="constrained")
     image = None
     for index, name in enumerate(names):
         axes = figure.add_subplot(rows, columns, index + 1)
@@ -91,14 +98,14 @@ def iou_heatmaps(tables: dict[str, np.ndarray], classes: Sequence[str], domains:
             if not math.isnan(value):
                 axes.text(col, row, f"{value:.0f}", ha="center", va="center", fontsize=5,
                           color="black" if value > 60 else "white")
-    figure.colorbar(image, ax=figure.axes, fraction=0.02, pad=0.02, label="IoU (%)")
+    figure.colorbar(image, ax=figure.axes, fraction=0.05, pad=0.02, label="IoU (%)")
     return figure
 
 
 def metric_vs_parameters(points: list[dict[str, Any]], parameters: Sequence[str], metrics: Sequence[str]) -> Figure:
     """One panel per swept parameter: each metric against the parameter's value, one marker per
     point (log scale where the positive values span more than a factor 10)."""
-    figure = Figure(figsize=(4.2 * len(parameters), 3.4))
+    figure = Figure(figsize=(4.2 * len(parameters), 3.4), layout="constrained")
     for index, parameter in enumerate(parameters):
         axes = figure.add_subplot(1, len(parameters), index + 1)
         xs = [point[parameter] for point in points]

@@ -42,6 +42,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -440,7 +441,7 @@ def sweep(sweep_file: str, *, count: int | None = None, seed: int = 0, parallel:
           f"in {sweep_root}; selecting on {metric} ({goal})", flush=True)
     if dry_run:
         for point in points:
-            print(f"{point.name}:\n  {' '.join(point.command)}")
+            print(f"{point.name}:\n  {shlex.join(point.command)}")
         return []
     sweep_root.mkdir(parents=True, exist_ok=True)
     lock = threading.Lock()

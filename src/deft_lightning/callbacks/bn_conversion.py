@@ -202,12 +202,15 @@ class BNConversion(Callback):
         hook = getattr(pl_module, "bn_conversion_modules", None)
         modules = hook() if hook is not None else [net]
         precision = trainer.precision_plugin
+        input_format = getattr(pl_module, "input_images", None)  # channels_last when the task uses it
 
         def images() -> Iterable[Tensor]:
             for batch in islice(trainer.train_dataloader, self.num_batches):
-                yield precision.convert_input(batch["image"].to(pl_module.device))
+                images = batch["image"].to(pl_module.device)
+                yield precision.convert_input(input_format(images) if input_format else images)
 
-        with torch.random.fork_rng(devices=[]), precision.forward_context():
+        # Eager even when the task compiled its nets: the calibration hooks run inside them.
+        with torch.random.fork_rng(devices=[]), precision.forward_context(), torch.compiler.set_stance("force_eager"):
             count = convert_bn(net, modules, images(),
                                reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
         self.converted = True

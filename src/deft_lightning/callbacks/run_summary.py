@@ -13,9 +13,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 
 class RunSummary(Callback):
-    """At the end of ``fit`` and of ``test``, the last value of every logged metric (as a
-    wandb run summary holds), the step, and the checkpoints ModelCheckpoint wrote, under the
-    key ``"fit"`` or ``"test"`` of one JSON file (the other stage's entry is kept).
+    """At the end of ``fit``, ``validate`` and ``test``, the last value of every logged metric
+    (as a wandb run summary holds), the step, the evaluation domains, and (fit) the checkpoints
+    ModelCheckpoint wrote, under the key ``"fit"``, ``"validate"`` or ``"test"`` of one JSON
+    file (the other stages' entries are kept).
 
     Args:
         path: the JSON file (default ``<trainer.default_root_dir>/summary.json``).
@@ -31,16 +32,23 @@ class RunSummary(Callback):
             "best_checkpoint": getattr(checkpoint, "best_model_path", "") or None,
         })
 
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "validate":  # a `validate` run; fit's validations end up in "fit"
+            self._write(trainer, "validate", {})
+
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._write(trainer, "test", {})
 
     def _write(self, trainer: Trainer, stage: str, extra: dict[str, Any]) -> None:
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
         if not trainer.is_global_zero:
             return
         path = Path(self.path or Path(trainer.default_root_dir) / "summary.json")
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
+        domains = getattr(getattr(trainer.lightning_module, "metrics", None), "domains", None)
         entry = {"metrics": {k: (None if math.isnan(v) else v) for k, v in sorted(metrics.items())},
-                 "global_step": trainer.global_step, "log_dir": trainer.log_dir, **extra}
+                 "domains": domains, "source_domain": getattr(trainer.lightning_module, "source_val_domain", None),
+                 "global_step": trainer.global_step, "log_dir": log_dir, **extra}
         summary = json.loads(path.read_text()) if path.exists() else {}
         summary[stage] = entry
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .class_uniform import ClassUniformDataset, class_image_index
 from .datasets import build_dataset
+from .resumable import ResumableDataLoader, ResumableSampler
 from .synthetic import DOMAINS, SOURCE_DOMAIN, SyntheticDomainDataset
 from .transforms import train_transform
 
@@ -313,9 +314,13 @@ class DGSegDataModule(LightningDataModule):
         if len(self.train_set) < hp.batch_size:
             raise ValueError(f"the training set has {len(self.train_set)} images, fewer than "
                              f"batch_size={hp.batch_size}")
-        return DataLoader(self.train_set, batch_size=hp.batch_size, shuffle=hp.shuffle, drop_last=True,
-                          num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
-                          worker_init_fn=_seed_worker if hp.num_workers > 0 else None)
+        # Exact mid-epoch resume: order from (seed, epoch), per-sample augmentation seeds (data/resumable.py).
+        trainer = self.trainer
+        sampler = ResumableSampler(self.train_set, num_replicas=trainer.world_size if trainer else 1,
+                                   rank=trainer.global_rank if trainer else 0, shuffle=hp.shuffle, seed=hp.seed)
+        return ResumableDataLoader(self.train_set, sampler=sampler, batch_size=hp.batch_size, drop_last=True,
+                                   num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
+                                   worker_init_fn=_seed_worker if hp.num_workers > 0 else None)
 
     def _eval_loader(self, dataset: Dataset, batch_size: int | None = None) -> DataLoader:
         hp = self.hparams

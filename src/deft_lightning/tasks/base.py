@@ -38,6 +38,7 @@ from ..metrics import DomainIoU
 from ..net import SegmentationNet
 from ..sliding_window import sliding_window_logits
 from ..results import write_test_results
+from ..speedups import RegionsCompiler, images_channels_last, to_channels_last, use_channels_last
 
 
 class SegmentationTask(LightningModule):
@@ -60,6 +61,11 @@ class SegmentationTask(LightningModule):
             averaged over overlaps (mmsegmentation's ``slide``;
             :mod:`~deft_lightning.sliding_window`); ``None`` (default): whole-image inference,
             the DG protocol. The stride defaults to two thirds of the window.
+        channels_last: nets and images in the channels_last memory format; ``None`` (default):
+            on for CUDA devices, off on CPU (:mod:`~deft_lightning.speedups`).
+        compile: ``torch.compile`` every encoder and decoder of the task one by one
+            (``compile_regions()``), falling back to eager with one warning on failure.
+        compile_options: keyword arguments of ``torch.compile`` (``mode``, ``backend``, ...).
     """
 
     #: Hyperparameters that fix the weights' shapes: taken from a checkpoint even where the
@@ -85,6 +91,9 @@ class SegmentationTask(LightningModule):
         style_augmentation: bool = False,
         sliding_window: tuple[int, int] | None = None,
         sliding_stride: tuple[int, int] | None = None,
+        channels_last: bool | None = None,
+        compile: bool = False,
+        compile_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -92,6 +101,8 @@ class SegmentationTask(LightningModule):
         self.configure_losses()
         self.metrics: DomainIoU | None = None
         self.source_val_domain: str | None = None
+        self.uses_channels_last = False
+        self.compiler: RegionsCompiler | None = None
         self.test_ious: dict[str, Tensor] = {}
         if domains:
             self.configure_metrics(domains)
@@ -130,6 +141,10 @@ class SegmentationTask(LightningModule):
              "weight_decay": hp.weight_decay if hp.decoder_weight_decay is None else hp.decoder_weight_decay},
         ]
 
+    def compile_regions(self) -> list[nn.Module]:
+        """The modules ``compile=True`` compiles, each on its own: the trained encoder and decoder."""
+        return list(self.trainable_modules())
+
     def ema_pairs(self) -> list[EMAPair]:
         return []
 
@@ -146,6 +161,16 @@ class SegmentationTask(LightningModule):
         self.source_val_domain = getattr(datamodule, "source_val_domain", None)
         if domains and (self.metrics is None or self.metrics.domains != list(domains)):
             self.configure_metrics(list(domains))
+        if use_channels_last(self.hparams.channels_last, self.trainer.strategy.root_device):
+            to_channels_last(self)
+            self.uses_channels_last = True
+        if self.hparams.compile:
+            self.compiler = self.compiler or RegionsCompiler(self.hparams.compile_options)
+            self.compiler.compile(self.compile_regions())
+
+    def input_images(self, images: Tensor) -> Tensor:
+        """Images in the memory format the nets use."""
+        return images_channels_last(images) if self.uses_channels_last else images
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits of the inference net: whole-image, or sliding-window when ``sliding_window`` is set."""
@@ -165,11 +190,16 @@ class SegmentationTask(LightningModule):
         images, masks = batch["image"], batch["mask"]
         if self.hparams.style_augmentation:
             images, masks = lab_style_augmentation(images, masks)
+        images = self.input_images(images)
         loss = self.training_loss(images, masks)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.compiler is not None and self.global_step == 1:
+            self.compiler.report()
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -203,7 +233,7 @@ class SegmentationTask(LightningModule):
         return self.metrics.domains[dataloader_idx]
 
     def _evaluate_step(self, batch: dict[str, Any], dataloader_idx: int) -> None:
-        preds = self(batch["image"]).argmax(1)
+        preds = self(self.input_images(batch["image"])).argmax(1)
         self.metrics.update(self._domain_of(dataloader_idx), preds, batch["mask"])
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -236,8 +266,9 @@ class SegmentationTask(LightningModule):
         self.test_ious = ious  # read by callbacks in on_test_end (e.g. LogPredictions' table)
         table = format_iou_table(ious, self.source_val_domain)
         rank_zero_info("\n" + table)
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            path = Path(self.trainer.log_dir) / "test_iou.md"
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: asked on every rank
+        if self.trainer.is_global_zero and log_dir:
+            path = Path(log_dir) / "test_iou.md"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(table + "\n")
             # Beside it: test_results.json (confusion matrices, per-class IoU) and confusion_<domain>.png.
@@ -245,7 +276,7 @@ class SegmentationTask(LightningModule):
 
     # ---- predict ---------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        return {"pred": self(batch["image"]).argmax(1), "image": batch["image"], "name": batch["name"],
+        return {"pred": self(self.input_images(batch["image"])).argmax(1), "image": batch["image"], "name": batch["name"],
                 "domain": batch["domain"]}
 
 

@@ -168,6 +168,9 @@ class DeFT(SegmentationTask):
     def trainable_modules(self) -> tuple[nn.Module, nn.Module]:
         return self.adaptive_encoder, self.adaptive_decoder
 
+    def compile_regions(self) -> list[nn.Module]:
+        return [self.adaptive_encoder, self.retentive_decoder, self.retentive_encoder, self.adaptive_decoder]
+
     # The stage lives in the checkpoint's state dict, so export and evaluation know it too.
     def get_extra_state(self) -> dict[str, int]:
         return {"stage": self.stage}

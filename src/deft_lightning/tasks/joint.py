@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
 from ..callbacks import DecoderWarmup, EMACallback, EMAPair
 from ..net import SegmentationNet
@@ -89,6 +90,10 @@ class JointFinetune(SegmentationTask):
         if self.ema_net is not None:
             self.log("train/ema_beta", self.ema_beta_used, batch_size=batch["image"].shape[0])
         return loss
+
+    def compile_regions(self) -> list[nn.Module]:
+        regions = super().compile_regions()
+        return regions if self.ema_net is None else [*regions, self.ema_net.encoder, self.ema_net.decoder]
 
     def ema_pairs(self) -> list[EMAPair]:
         if self.ema_net is None:

@@ -1,0 +1,65 @@
+"""Multi-node recipe on CPU: two "nodes" of one process each, launched by torchrun as
+docs/multinode.md shows (gloo instead of NCCL, fp32), then the per-domain metrics of that
+2-rank run against one process on the same checkpoint."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY_DATA, TINY_NET
+
+from test_cli import ROOT, deft_lightning
+
+CPU = ["--trainer.accelerator=cpu", "--trainer.sync_batchnorm=false",  # SyncBN is CUDA-only
+       "--trainer.devices=1", "--trainer.precision=32-true",
+       "--trainer.strategy=ddp", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+       "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_node_torchrun_fit_reduces_per_domain_metrics_like_one_process(tmp_path):
+    tiny = {"model": {"init_args": TINY_NET},
+            "data": {"init_args": {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_DATA.items()}}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    port = free_port()
+    summary = tmp_path / "summary.json"
+    fit = ["deft-lightning", "fit", "--config", str(ROOT / "configs/joint.yaml"), "--config",
+           str(ROOT / "configs/trainer/multinode.yaml"), "--config", "tiny.yaml", "--trainer.num_nodes=2", *CPU,
+           f"--trainer.default_root_dir={tmp_path / 'run'}",
+           '--trainer.callbacks+={"class_path": "deft_lightning.callbacks.RunSummary", '
+           f'"init_args": {{"path": "{summary}"}}}}']
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([torchrun, "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
+                               "--master_addr=127.0.0.1", f"--master_port={port}", "--no-python", *fit],
+                              cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "GLOBAL_RANK: 1" in "".join(outputs) and "MEMBER: 2/2" in "".join(outputs)
+    fit_metrics = json.loads(summary.read_text())["fit"]
+    (checkpoint,) = (tmp_path / "run").rglob("last.ckpt")
+    single = deft_lightning("validate", "--config", str(ROOT / "configs/joint.yaml"), "--config", "tiny.yaml",
+                            "--trainer.accelerator=cpu", "--trainer.devices=1", f"--ckpt_path={checkpoint}",
+                            f"--trainer.default_root_dir={tmp_path / 'single'}", "--trainer.logger=false",
+                            '--trainer.callbacks+={"class_path": "deft_lightning.callbacks.RunSummary", '
+                            f'"init_args": {{"path": "{tmp_path / "single.json"}"}}}}', cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    one_process = json.loads((tmp_path / "single.json").read_text())["validate"]["metrics"]
+    domains = fit_metrics["domains"]
+    assert domains == ["clear", "night", "fog"]
+    for key in ["val/mIoU_source", "val/mIoU_mean", *(f"val/{d}/mIoU" for d in domains)]:
+        # confusion matrices summed over the ranks before the division: the same as one process
+        assert fit_metrics["metrics"][key] == pytest.approx(one_process[key], abs=1e-6), key
