@@ -116,5 +116,6 @@ def test_recipe_methods_and_seeds_runs(tmp_path):
     merged = torch.load(tmp_path / "runs/merged/methods.ckpt", weights_only=True)
     assert merged["merge"]["anchor"] == "runs/recipes/deft-0/last.ckpt"
     seeds = torch.load(tmp_path / "runs/merged/joint_seeds.ckpt", weights_only=True)["merge"]
-    assert seeds["mode"] == "uniform" and len(seeds["inputs"]) == 3
+    assert seeds["mode"] == "layerwise" and seeds["anchor"] == "runs/recipes/joint-0/last.ckpt"
+    assert len(seeds["inputs"]) == 3
     assert "mean mIoU over the" in result.stdout + result.stderr  # the test IoU table
