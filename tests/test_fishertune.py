@@ -224,7 +224,7 @@ def test_fishertune_config_fits_through_the_cli_and_caches_its_scores(tmp_path):
         cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert cache.exists()
-    (checkpoint,) = tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    (checkpoint,) = tmp_path.glob("runs/fishertune/version_0/checkpoints/last.ckpt")
     masks = torch.load(checkpoint, weights_only=True)["state_dict"]["_extra_state"]["masks"]
     total = sum(m.numel() for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) == math.ceil(0.05 * total)
