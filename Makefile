@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-RUN := runs/demo
+RUN := runs/demo/version_0
 CONFIGS := --config configs/joint.yaml --config configs/trainer/cpu.yaml --config configs/trainer/demo.yaml
 
 # No network at run time: albumentations' update check, the HF hub, wandb uploads.
@@ -26,11 +26,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: $(STAMP)
-	rm -rf $(RUN)
+	rm -rf runs/demo
 	$(BIN)/deft-lightning fit $(CONFIGS)
-	$(BIN)/deft-lightning test $(CONFIGS) --trainer.logger.init_args.version=test --ckpt_path $(RUN)/checkpoints/last.ckpt
-	$(BIN)/deft-lightning predict $(CONFIGS) --trainer.logger.init_args.version=predict --ckpt_path $(RUN)/checkpoints/last.ckpt
-	@echo "Run folder: $(RUN)  (per-domain IoU table: $(RUN)/test/test_iou.md, overlays: $(RUN)/predictions/)"
+	$(BIN)/deft-lightning test $(CONFIGS) --ckpt_path $(RUN)/checkpoints/last.ckpt
+	$(BIN)/deft-lightning predict $(CONFIGS) --ckpt_path $(RUN)/checkpoints/last.ckpt
+	@echo "Run folder: $(RUN)  (per-domain IoU table: $(RUN)/test/test_iou.md, overlays: $(RUN)/predict/predictions/)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

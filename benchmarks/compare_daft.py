@@ -62,6 +62,8 @@ def run(row: str, configs: list[str], seed: int, args: argparse.Namespace) -> di
         f"--data.init_args.synthetic_val_size={args.eval_images}",
         f"--model.init_args.bn_conversion_batches={args.conversion_batches}",  # used where conversion is on
     ]
+    if "configs/lpft.yaml" in configs:  # the LP row's checkpoint, named explicitly
+        overrides.append("--model.init_args.init_checkpoint=runs/lp/checkpoints/last.ckpt")
     cli = lightning_cli([arg for config in configs for arg in ("--config", str(ROOT / config))] + overrides,
                         run=False)
     start = time.perf_counter()
@@ -120,7 +122,7 @@ def main() -> None:
     for seed in args.seeds:
         seed_dir = args.out / f"seed{seed}"
         seed_dir.mkdir(parents=True, exist_ok=True)
-        os.chdir(seed_dir)  # configs/lpft.yaml finds this seed's LP run at runs/lp/checkpoints/last.ckpt
+        os.chdir(seed_dir)  # this seed's LP run: runs/lp/checkpoints/last.ckpt, LP-FT's init_checkpoint
         results_file = seed_dir / "results.json"
         done = json.loads(results_file.read_text()) if results_file.exists() else {}
         for row in args.rows:

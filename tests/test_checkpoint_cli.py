@@ -14,6 +14,7 @@ from lightning.pytorch import Trainer
 from conftest import TINY_DATA, TINY_NET, trainer_kwargs
 from deft_lightning import DGSegDataModule
 from deft_lightning.cli import lightning_cli
+from deft_lightning.cli import main as cli_main
 from deft_lightning.export import load_task
 from deft_lightning.safe_load import load_checkpoint
 from test_cli import ROOT, deft_lightning
@@ -72,13 +73,15 @@ def test_command_line_final_model_beats_the_checkpoint(run):
         assert scored[key] == pytest.approx(model_iii[key], abs=1e-6), key
 
 
-def test_a_checkpoint_of_another_model_class_is_refused(run):
+def test_a_checkpoint_of_another_model_class_is_refused(run, capsys):
     root, run_config = run
-    result = deft_lightning("test", "--config", str(ROOT / "configs/joint.yaml"), "--config", CPU,
-                            "--config", str(run_config), "--ckpt_path", "last", cwd=root)
-    assert result.returncode != 0
-    assert "deft_lightning.DeFT" in result.stderr and "deft_lightning.JointFinetune" in result.stderr
-    assert "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as exit_info:  # the console script's entry point, in-process
+        cli_main(["test", "--config", str(ROOT / "configs/joint.yaml"), "--config", CPU, "--config", str(run_config),
+                  "--ckpt_path", "last"])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "deft_lightning.DeFT" in err and "deft_lightning.JointFinetune" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])

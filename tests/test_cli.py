@@ -22,8 +22,10 @@ def test_fit_joint_config_for_two_steps(tmp_path):
     result = deft_lightning("fit", "--config", str(ROOT / "configs/joint.yaml"), "--trainer.max_steps=2",
                             "--trainer.limit_val_batches=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert list(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))
-    assert (tmp_path / "lightning_logs/version_0/config.yaml").exists()
+    assert list(tmp_path.glob("runs/joint/version_0/checkpoints/*.ckpt"))
+    assert (tmp_path / "runs/joint/version_0/fit/config.yaml").exists()
+    assert "Run folder: runs/joint/version_0" in result.stdout
+    assert "args parameter" not in result.stderr  # LightningCLI's warning when given argv twice
 
 
 def test_unknown_config_key_fails_with_a_clear_message(tmp_path):

@@ -3,17 +3,15 @@ and errors that name the file or folder at fault."""
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import albumentations as A
-import cv2
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+import fake_datasets
+from fake_datasets import write_grey_label, write_palette_label, write_png16_rgb
 from deft_lightning.data.datasets import (
     DATASETS,
     ACDCDataset,
@@ -33,45 +31,7 @@ LINDAU_LABEL = "gtFine/val/lindau/lindau_000001_000019_gtFine_labelIds.png"
 
 
 def write_image(path: Path, height: int = H, width: int = W, rgb=RGB) -> Path:
-    """A uniform colour image, written with OpenCV (so given in BGR order)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = np.zeros((height, width, 3), np.uint8)
-    image[:] = rgb[::-1]
-    assert cv2.imwrite(str(path), image)
-    return path
-
-
-def write_grey_label(path: Path, ids: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    assert cv2.imwrite(str(path), ids.astype(np.uint8))
-    return path
-
-
-def write_palette_label(path: Path, ids: np.ndarray) -> Path:
-    """A palette PNG whose indices are the ids (as GTAV and Mapillary ship their labels)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    label = Image.fromarray(ids.astype(np.uint8), mode="P")
-    label.putpalette([(7 * i) % 256 for i in range(768)])
-    label.save(path)
-    return path
-
-
-def write_png16_rgb(path: Path, rgb: np.ndarray) -> Path:
-    """A 16-bit RGB PNG written byte by byte, so channel 0 is R in the file beyond doubt."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    height, width, _ = rgb.shape
-    rows = b"".join(b"\x00" + rgb[y].astype(">u2").tobytes() for y in range(height))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data)
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
-        + chunk(b"IEND", b"")
-    )
-    return path
+    return fake_datasets.write_image(path, height, width, rgb)
 
 
 def three_ids(a: int, b: int, c: int) -> np.ndarray:

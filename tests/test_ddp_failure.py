@@ -13,7 +13,9 @@ import pytest
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_rank_fails.py"
 
 
-@pytest.mark.parametrize("rank", [1, pytest.param(0, marks=pytest.mark.slow)])
+# Two DDP processes cost ~20 s of CPU: slow (make test-slow), like the other rank-failure paths.
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [1, 0])
 def test_a_rank_raising_at_step_2_ends_the_run_within_60_seconds(tmp_path, rank):
     process = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), str(rank)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)

@@ -69,6 +69,12 @@ class Recorder(Callback):
         self.after.append(snapshot(pl_module))
 
 
+def tiny_deft(**kwargs) -> DeFT:
+    """DeFT on the tiny net with style augmentation and β by horizon off (unless given): the
+    tests below check the mechanics against β as given, on the batch as drawn."""
+    return DeFT(**{**TINY_NET, "style_augmentation": False, "beta_reference_steps": None, **kwargs})
+
+
 def fit(task, data_kwargs, root, max_steps, callbacks=(), ckpt_path=None):
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     trainer = Trainer(**trainer_kwargs(root, max_steps=max_steps, callbacks=list(callbacks),
@@ -78,7 +84,7 @@ def fit(task, data_kwargs, root, max_steps, callbacks=(), ckpt_path=None):
 
 
 def test_warmup_keeps_the_pretrained_encoder_and_stage_two_starts_from_it(tmp_path, tiny_data_kwargs):
-    task = DeFT(**TINY_NET, warmup_steps=2, weight_decay=1e-2, warmup_weight_decay=1e-1, beta_reference_steps=80_000)
+    task = tiny_deft(warmup_steps=2, weight_decay=1e-2, warmup_weight_decay=1e-1, beta_reference_steps=80_000)
     pretrained = snapshot(task)["adaptive_encoder"]
     recorder = Recorder()
     fit(task, tiny_data_kwargs, tmp_path, 3, [recorder])
@@ -105,7 +111,7 @@ def test_warmup_keeps_the_pretrained_encoder_and_stage_two_starts_from_it(tmp_pa
 
 @pytest.mark.parametrize("mode", ["split", "pretrained", "warmed"])
 def test_stage_two_start_state(tmp_path, tiny_data_kwargs, mode):
-    task = DeFT(**TINY_NET, warmup_steps=1, stage2_encoder_bn=mode, weight_decay=1e-3, warmup_weight_decay=1e-2,
+    task = tiny_deft(warmup_steps=1, stage2_encoder_bn=mode, weight_decay=1e-3, warmup_weight_decay=1e-2,
                 schedule_steps=10)
     pretrained = snapshot(task)["adaptive_encoder"]
     fit(task, tiny_data_kwargs, tmp_path, 1)  # warm-up only
@@ -128,7 +134,7 @@ def test_stage_two_start_state(tmp_path, tiny_data_kwargs, mode):
 def test_stage_two_gradients_steps_and_ema(tmp_path, tiny_data_kwargs):
     """Gradients reach only the ACs, e1's equals pathway 1's alone, RCs follow the β-recurrence."""
     steps, beta_encoder, beta_decoder = 3, 0.8, 0.6
-    task = DeFT(**TINY_NET, warmup_steps=0, weight_decay=1e-2, momentum=0.9, lr=0.05,
+    task = tiny_deft(warmup_steps=0, weight_decay=1e-2, momentum=0.9, lr=0.05,
                 beta_encoder=beta_encoder, beta_decoder=beta_decoder)
     recorder = Recorder()
     trainer = fit(task, tiny_data_kwargs, tmp_path, steps, [recorder])
@@ -176,14 +182,14 @@ def test_stage_two_gradients_steps_and_ema(tmp_path, tiny_data_kwargs):
 
 def test_final_model_evaluates_the_intended_pair():
     torch.manual_seed(0)
-    state = DeFT(**TINY_NET, warmup_steps=0).state_dict()
+    state = tiny_deft(warmup_steps=0).state_dict()
     for key in state:  # make the four components differ
         if key.endswith("weight") and state[key].is_floating_point():
             state[key] = state[key] + 0.1 * torch.randn_like(state[key])
     images = torch.rand(2, 3, 64, 64)
     outputs = {}
     for final_model, (encoder, decoder) in FINAL_MODELS.items():
-        task = DeFT(**TINY_NET, warmup_steps=0, final_model=final_model)
+        task = tiny_deft(warmup_steps=0, final_model=final_model)
         task.load_state_dict(state)
         reference = SegmentationNet(**TINY_NET).eval()
         reference.encoder.load_state_dict({k[len(encoder) + 1:]: v for k, v in state.items() if k.startswith(encoder + ".")})
@@ -193,14 +199,14 @@ def test_final_model_evaluates_the_intended_pair():
             torch.testing.assert_close(outputs[final_model], reference(images), rtol=0, atol=0)
     assert len({tuple(o.flatten()[:50].tolist()) for o in outputs.values()}) == 4
     # During warm-up (stage 1) evaluation uses the frozen encoder with the decoder being warmed up.
-    warming = DeFT(**TINY_NET, warmup_steps=5, final_model="IV")
+    warming = tiny_deft(warmup_steps=5, final_model="IV")
     warming.load_state_dict({**state, "_extra_state": {"stage": 1}})
     with torch.no_grad():
         torch.testing.assert_close(warming.eval()(images), outputs["III"], rtol=0, atol=0)
 
 
 def test_resume_mid_stage_two_is_bit_identical(tmp_path, tiny_data_kwargs):
-    kwargs = dict(**TINY_NET, warmup_steps=1, beta_encoder=0.7, beta_decoder=0.6, weight_decay=1e-3,
+    kwargs = dict(**TINY_NET, style_augmentation=False, beta_reference_steps=None, warmup_steps=1, beta_encoder=0.7, beta_decoder=0.6, weight_decay=1e-3,
                   warmup_weight_decay=1e-2, warmup_lr=0.02, distance_regularization="l2sp", l2sp_weight=0.1)
     full = DeFT(**kwargs)
     start = copy.deepcopy(full.state_dict())
@@ -227,7 +233,7 @@ def test_resume_mid_stage_two_is_bit_identical(tmp_path, tiny_data_kwargs):
 
 
 def test_lr_schedule_restarts_at_stage_two_and_warmup_has_its_own_lr_and_weight_decay():
-    task = DeFT(**TINY_NET, warmup_steps=4, schedule_steps=10, lr=0.1, warmup_lr=0.5, weight_decay=1e-3,
+    task = tiny_deft(warmup_steps=4, schedule_steps=10, lr=0.1, warmup_lr=0.5, weight_decay=1e-3,
                 warmup_weight_decay=1e-2, poly_power=0.9)
     config = task.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
@@ -243,16 +249,16 @@ def test_lr_schedule_restarts_at_stage_two_and_warmup_has_its_own_lr_and_weight_
 
 
 def test_beta_by_horizon_keeps_the_papers_weight_on_the_start_point():
-    task = DeFT(**TINY_NET, warmup_steps=0, beta_encoder=0.999, beta_decoder=0.9999, beta_reference_steps=80_000)
+    task = tiny_deft(warmup_steps=0, beta_encoder=0.999, beta_decoder=0.9999, beta_reference_steps=80_000)
     beta_encoder, beta_decoder = task.betas_for(1000)
     assert beta_encoder ** 1000 == pytest.approx(0.999 ** 80_000, rel=1e-6)
     assert beta_decoder ** 1000 == pytest.approx(0.9999 ** 80_000, rel=1e-6)
-    assert DeFT(**TINY_NET, warmup_steps=0, beta_encoder=0.999).betas_for(1000) == (0.999, 0.9999)
+    assert tiny_deft(warmup_steps=0, beta_encoder=0.999).betas_for(1000) == (0.999, 0.9999)
 
 
 def test_projection_keeps_every_adaptive_tensor_within_the_radius(tmp_path, tiny_data_kwargs):
     radius = 1e-3
-    task = DeFT(**TINY_NET, warmup_steps=0, lr=0.5, distance_regularization="projection", projection_radius=radius)
+    task = tiny_deft(warmup_steps=0, lr=0.5, distance_regularization="projection", projection_radius=radius)
     start = snapshot(task, params_only=True)
     fit(task, tiny_data_kwargs, tmp_path, 2)
     distances = [(p - start[name][key]).norm().item()
@@ -263,7 +269,7 @@ def test_projection_keeps_every_adaptive_tensor_within_the_radius(tmp_path, tiny
 
 
 def test_l2sp_penalty_is_the_squared_distance_to_the_stage_two_start():
-    task = DeFT(**TINY_NET, warmup_steps=0, distance_regularization="l2sp")
+    task = tiny_deft(warmup_steps=0, distance_regularization="l2sp")
     assert task.distance_to_start().item() == 0
     weight = task.adaptive_encoder.conv1.weight
     with torch.no_grad():

@@ -145,11 +145,8 @@ def test_score_cache_is_reused_and_a_stale_or_foreign_cache_is_refused(tmp_path,
         third.build_masks()
 
 
-@pytest.mark.parametrize("arch,encoder", [
-    ("Segformer", "mit_b0"),
-    # vmap has no batching rule for CPU flash attention (a slow fallback): ~40 s under load.
-    pytest.param("DPT", "tu-test_vit", marks=pytest.mark.slow),
-])
+@pytest.mark.slow  # Segformer ~35 s, DPT ~50 s on the loaded 2-core CPU (vmap's fallback for CPU flash attention)
+@pytest.mark.parametrize("arch,encoder", [("Segformer", "mit_b0"), ("DPT", "tu-test_vit")])
 def test_transformer_encoders_estimate_and_train_masked(arch, encoder, monkeypatch):
     data = estimation_batches(hw=(32, 32))
     monkeypatch.setattr(FisherTune, "estimation_data", lambda self: data)
@@ -227,7 +224,21 @@ def test_fishertune_config_fits_through_the_cli_and_caches_its_scores(tmp_path):
         cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert cache.exists()
-    (checkpoint,) = tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    (checkpoint,) = tmp_path.glob("runs/fishertune/version_0/checkpoints/last.ckpt")
     masks = torch.load(checkpoint, weights_only=True)["state_dict"]["_extra_state"]["masks"]
     total = sum(m.numel() for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) == math.ceil(0.05 * total)
+
+
+def test_a_vit_encoder_loads_from_a_local_timm_weights_file(tmp_path):
+    """What docs/fishertune.md tells DINOv2/EVA02 users to do, with timm's tiny test ViT."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", pretrained=False)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    task = FisherTune(arch="DPT", encoder_name="tu-test_vit", encoder_weights=str(tmp_path / "vit.safetensors"))
+    encoder = dict(task.net.encoder.named_parameters())
+    for name, value in vit.named_parameters():
+        assert torch.equal(encoder[f"model.{name}"], value), name

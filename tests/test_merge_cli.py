@@ -109,6 +109,7 @@ def test_exported_merge_loads_with_smp_and_computes_the_merged_net(last_checkpoi
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_recipe_methods_and_seeds_runs(tmp_path):
     result = run_block("methods-and-seeds", tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]

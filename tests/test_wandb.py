@@ -40,7 +40,8 @@ def test_sweep_command_parses_into_the_swept_values(name, monkeypatch):
                   for key, spec in sweep["parameters"].items()}
         cli = lightning_cli([*command[3:-1], *(f"--{key}={value}" for key, value in values.items())], run=False)
         assert type(cli.trainer.logger).__name__ == "WandbLogger"
-        assert Path(cli.trainer.logger.save_dir) == Path("runs/wandb")
+        save_dir = Path(cli.trainer.logger.save_dir)  # the run folder's fit/: a config.yaml per run
+        assert save_dir.parts[0] == "runs" and save_dir.parent.name.startswith("version_") and save_dir.name == "fit"
         for key, value in values.items():
             assert cli.model.hparams[key.rsplit(".", 1)[1]] == value
 
@@ -70,12 +71,14 @@ def test_offline_wandb_run_records_hparams_and_per_domain_metrics(tmp_path):
     hparams and every domain's validation mIoU (what a sweep's metric and a user's charts read)."""
     result = deft_lightning(
         "fit", "--config", str(ROOT / "configs/joint.yaml"), "--config", str(ROOT / "configs/logger/wandb.yaml"),
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'wandb'}", "--model.init_args.lr=0.003",
+        "--model.init_args.lr=0.003",
         "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
         "--trainer.num_sanity_val_steps=0", "--data.init_args.synthetic_image_size=[64,128]",
         "--data.init_args.crop_size=[64,128]", cwd=tmp_path, env={"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-4000:]
-    (run_file,) = (tmp_path / "wandb/wandb").glob("offline-run-*/run-*.wandb")
+    run = tmp_path / "runs/joint/version_0"  # the run folder: wandb files, its own config.yaml, checkpoints
+    (run_file,) = (run / "fit/wandb").glob("offline-run-*/run-*.wandb")
+    assert (run / "fit/config.yaml").is_file()
     records = wandb_records(run_file)
     by_kind = lambda kind: [getattr(r, kind) for r in records if r.WhichOneof("record_type") == kind]  # noqa: E731
     (exit_record,) = by_kind("exit")  # finished: a sweep agent reads the summary
@@ -97,4 +100,4 @@ def test_offline_wandb_run_records_hparams_and_per_domain_metrics(tmp_path):
         (filename,) = logged[f"val/predictions/{domain}/filenames"]
         with Image.open(run_file.parent / "files" / filename) as png:
             assert png.size == (3 * 128, 64)  # image | truth | prediction at 64 x 128
-    assert list(tmp_path.glob("wandb/deft-lightning/*/checkpoints/*.ckpt"))
+    assert list(run.glob("checkpoints/*.ckpt"))

@@ -138,11 +138,13 @@ def diagonal_fisher(
     if estimator not in ("per_sample", "micro_batch"):
         raise ValueError(f"estimator must be 'per_sample' or 'micro_batch', got {estimator!r}")
     params = _parameters(model, names)
+    # Every other tensor detached: the gradients must not build a graph back to the decoder's parameters.
+    fixed = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in params}
     sums = {n: torch.zeros_like(p) for n, p in params.items()}
     count = torch.zeros((), dtype=torch.float64, device=next(iter(params.values())).device)
 
     def loss(p: dict[str, Tensor], images: Tensor, targets: Tensor) -> Tensor:
-        return pixel_cross_entropy(functional_call(model, p, (images,)), targets)
+        return pixel_cross_entropy(functional_call(model, {**fixed, **p}, (images,)), targets)
 
     def image_loss(p: dict[str, Tensor], image: Tensor, target: Tensor) -> Tensor:
         return loss(p, image.unsqueeze(0), target.unsqueeze(0))

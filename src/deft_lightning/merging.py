@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,7 +78,6 @@ class NetState:
     name: str
     state: dict[str, Tensor]
     config: dict[str, Any] | None = None
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 # ---- the weights ---------------------------------------------------------------------------
@@ -359,8 +358,7 @@ def _task_checkpoint(path: Path, checkpoint: Mapping[str, Any]) -> NetState:
     task.load_state_dict(checkpoint["state_dict"], assign=True)
     state = dict(task.inference_net().state_dict())
     config = {key: hparams[key] for key in NET_ARGUMENTS if key in hparams}
-    info = {"task_class": checkpoint["task_class"], "global_step": checkpoint.get("global_step")}
-    return NetState(str(path), state, config, info)
+    return NetState(str(path), state, config)
 
 
 def _exported_folder(path: Path) -> NetState:

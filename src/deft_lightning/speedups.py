@@ -2,8 +2,8 @@
 ``torch.compile``.
 
 **channels_last** (NHWC) lets cuDNN and oneDNN pick their fastest convolution kernels. It is
-standard on GPUs; on CPUs it depends on the net (docs/benchmarks.md: on a 2-core AMD EPYC, fp32,
-the demo Unet-MobileNetV2 step was faster with it, the DeepLabV3+ R50 step slower). So the
+standard on GPUs; on CPUs it depends on the CPU and the net (docs/benchmarks.md: on a 2-core
+AMD EPYC in fp32 the training step was 0.85-1.09x as fast with it, across nets and runs). So the
 default, ``channels_last=None``, turns it on for CUDA devices only; ``True``/``False`` force it.
 :func:`to_channels_last` converts every 4-D parameter and buffer of a module (all of a task's
 nets: DeFT's four components, EMA copies); the tasks convert their input images too.

@@ -1,9 +1,13 @@
 """DGSegDataModule: one source training set, N named target sets for validation and test.
 
-With no dataset configured it serves the embedded synthetic domains: training on
-``synthetic_source``, a held-out split of the same domain (model selection on source data,
-the safe default), and every other synthetic domain as a named target. Real datasets are
-named by ``DatasetSpec`` entries (see docs/datasets.md).
+Data is named by ``DatasetSpec`` entries (``source``, ``source_val``, ``targets``; see
+docs/datasets.md), given as dataclasses, as dicts, or in YAML/on the command line. The embedded
+synthetic domains are entries too (``{name: synthetic, domain: fog, split: val}``). With no
+entry at all the datamodule serves the synthetic default: training on ``synthetic_source``, a
+held-out split of the same domain (model selection on source data, the safe default), and
+every other synthetic domain as a named target; the ``synthetic_*`` arguments size those
+default entries. A real ``source`` must name its ``targets``: the synthetic domains are never
+silently added to a real protocol.
 
 Evaluation dataloaders come one per domain, in ``eval_domains`` order, so a task maps
 dataloader index -> domain. Under DDP each evaluation set is split across ranks without
@@ -13,8 +17,11 @@ matrices are exactly those of a single process.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import os
+from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -32,18 +39,51 @@ from .transforms import train_transform
 SYNTHETIC_VAL_FIRST_INDEX = 1_000_000
 
 
+#: Entry options that are paths: relative ones are read under ``data_root`` like ``root``.
+PATH_OPTIONS = ("mask_root", "split_file")
+
+#: Environment variable giving ``data_root`` when the datamodule's ``data_root`` is unset.
+DATA_ROOT_ENV = "DEFT_DATA_ROOT"
+
+
 @dataclass
 class DatasetSpec:
-    """A dataset on disk: registry ``name`` (cityscapes, gtav, bdd100k, mapillary, synthia,
-    acdc, folder), its ``root`` folder, ``split``, the ``domain`` name used in metric keys
-    (default: the dataset's own, e.g. ``cityscapes`` or ``acdc-night``), and
-    dataset-specific ``options`` (``size``, ``condition``, ``split_file``, ``mask_root``)."""
+    """A dataset: registry ``name`` (cityscapes, gtav, bdd100k, mapillary, synthia, acdc,
+    folder, synthetic), its ``root`` folder (relative roots are taken under the datamodule's
+    ``data_root``; unused by ``synthetic``), ``split``, the ``domain`` name used in metric keys
+    (default: the dataset's own, e.g. ``cityscapes`` or ``acdc-night``; for ``synthetic`` the
+    synthetic domain, default ``clear``), and dataset-specific ``options`` (``size``,
+    ``condition``, ``split_file``, ``mask_root``, ``files``; synthetic: ``length``,
+    ``image_size``)."""
 
     name: str
-    root: str
+    root: str | None = None
     split: str = "train"
     domain: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+
+
+def as_spec(entry: DatasetSpec | dict[str, Any], where: str = "dataset entry") -> DatasetSpec:
+    """``entry`` as a :class:`DatasetSpec`: a dataclass, a plain dict of its fields, or a
+    ``{class_path: deft_lightning.DatasetSpec, init_args: {...}}`` dict (what jsonargparse hands
+    over from YAML and command-line overrides). Unknown keys are an error naming them."""
+    if isinstance(entry, DatasetSpec):
+        return entry
+    if hasattr(entry, "as_dict"):  # a jsonargparse Namespace
+        entry = entry.as_dict()
+    if not isinstance(entry, dict):
+        raise TypeError(f"{where}: expected a dataset entry {{name, root, split, domain, options}}, "
+                        f"got {entry!r}")
+    if "class_path" in entry:
+        entry = entry.get("init_args") or {}
+    known = set(DatasetSpec.__dataclass_fields__)
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; a dataset entry has {sorted(known)} "
+                         "(dataset-specific settings go under `options`)")
+    if "name" not in entry:
+        raise ValueError(f"{where}: a dataset entry needs `name`, got {entry}")
+    return DatasetSpec(**{key: value for key, value in entry.items() if value is not None or key == "root"})
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -60,12 +100,18 @@ class DGSegDataModule(LightningDataModule):
     """Source train set + named target evaluation sets.
 
     Args:
-        source: training dataset; ``None`` uses the synthetic ``synthetic_source`` domain.
-        source_val: held-out source split for model selection (synthetic: automatic).
-        targets: target evaluation datasets; ``None`` uses the other synthetic domains.
-        synthetic_source, synthetic_targets: synthetic domain names (targets default to all
-            other domains).
-        synthetic_train_size, synthetic_val_size: images per synthetic split.
+        source: training dataset entry; ``None`` uses the synthetic ``synthetic_source`` domain.
+        source_val: held-out source split for model selection (synthetic source: automatic).
+        targets: target evaluation entries; ``None`` uses the other synthetic domains when the
+            source is synthetic, and is an error with a real source.
+        data_root: folder under which the entries' relative paths (``root``, ``mask_root``,
+            ``split_file``) are read (default: the ``DEFT_DATA_ROOT`` environment variable, else
+            the working directory). The data presets in configs/data/ use relative roots, so
+            this is the one thing a user sets.
+        synthetic_source, synthetic_targets: synthetic domain names of the default entries
+            (targets default to all other domains).
+        synthetic_train_size, synthetic_val_size: images per synthetic split (default length
+            of ``synthetic`` entries for split ``train`` / any other split).
         synthetic_image_size: (height, width) of synthetic images.
         seed: seed of the synthetic data (image ``i`` of domain ``d`` is a function of
             ``(seed, d, i)``) and of the augmentation generator.
@@ -78,8 +124,9 @@ class DGSegDataModule(LightningDataModule):
             0 turns it off.
         class_index_cache: JSON file caching which training images hold which classes (the scan
             reads every mask once); ``None`` scans at every start.
-        predict_root: a folder of images to predict on; ``None`` predicts on the first
-            ``predict_per_domain`` images of every evaluation domain.
+        predict_root: a folder of images to predict on (any sizes and formats, one image a
+            batch); ``None`` predicts on the first ``predict_per_domain`` images of every
+            evaluation domain.
     """
 
     def __init__(
@@ -87,6 +134,7 @@ class DGSegDataModule(LightningDataModule):
         source: DatasetSpec | None = None,
         source_val: DatasetSpec | None = None,
         targets: list[DatasetSpec] | None = None,
+        data_root: str | None = None,
         synthetic_source: str = SOURCE_DOMAIN,
         synthetic_targets: list[str] | None = None,
         synthetic_train_size: int = 2000,
@@ -110,10 +158,24 @@ class DGSegDataModule(LightningDataModule):
         predict_per_domain: int = 4,
     ) -> None:
         super().__init__()
+        source = None if source is None else as_spec(source, "source")
+        source_val = None if source_val is None else as_spec(source_val, "source_val")
+        targets = None if targets is None else [as_spec(t, f"targets[{i}]") for i, t in enumerate(targets)]
+        self.source, self.source_val, self.targets = source, source_val, targets
         self.save_hyperparameters()
+        # Plain dicts in the hyperparameters: checkpoints stay loadable with weights_only=True.
+        self.hparams.update(source=source and asdict(source), source_val=source_val and asdict(source_val),
+                            targets=targets and [asdict(t) for t in targets])
         unknown = [d for d in [synthetic_source, *(synthetic_targets or [])] if d not in DOMAINS]
         if unknown:
             raise ValueError(f"unknown synthetic domain(s) {unknown}; known: {list(DOMAINS)}")
+        if source is not None and source.name != "synthetic" and targets is None:
+            raise ValueError(f"source is the real dataset {source.name!r} but no `targets` are given: "
+                             "name the target datasets to evaluate on (see docs/datasets.md); the "
+                             "synthetic domains are only the default of a synthetic source")
+        for spec in [source, source_val, *(targets or [])]:
+            if spec is not None and spec.name == "synthetic" and (spec.domain or SOURCE_DOMAIN) not in DOMAINS:
+                raise ValueError(f"unknown synthetic domain {spec.domain!r}; known: {list(DOMAINS)}")
         if not 0.0 <= class_uniform_pct <= 1.0:
             raise ValueError(f"class_uniform_pct must be in [0, 1], got {class_uniform_pct}")
         if class_uniform_pct > 0 and not augment:
@@ -123,10 +185,43 @@ class DGSegDataModule(LightningDataModule):
         self._source_val_domain: str | None = None
         self.predict_sets: list[Dataset] = []
 
+    # ---- entries -----------------------------------------------------------------------
+    @property
+    def source_spec(self) -> DatasetSpec:
+        """The training entry (the synthetic default when ``source`` is unset)."""
+        hp = self.hparams
+        return self.source or DatasetSpec("synthetic", split="train", domain=hp.synthetic_source)
+
+    @property
+    def eval_specs(self) -> list[DatasetSpec]:
+        """The evaluation entries, in dataloader order: the held-out source split (if any) first."""
+        hp = self.hparams
+        source = self.source_spec
+        specs = []
+        if self.source_val is not None:
+            specs.append(self.source_val)
+        elif source.name == "synthetic":
+            specs.append(DatasetSpec("synthetic", split="val", domain=source.domain or SOURCE_DOMAIN))
+        if self.targets is not None:
+            specs += self.targets
+        else:
+            source_domain = source.domain or SOURCE_DOMAIN
+            domains = hp.synthetic_targets or [d for d in DOMAINS if d != source_domain]
+            specs += [DatasetSpec("synthetic", split="val", domain=d) for d in domains]
+        return specs
+
+    def resolve_root(self, root: str | None) -> str | None:
+        """``root`` as given if absolute, else under ``data_root`` (or ``$DEFT_DATA_ROOT``)."""
+        if root is None:
+            return None
+        base = self.hparams.data_root or os.environ.get(DATA_ROOT_ENV)
+        root = os.path.expanduser(root)
+        return root if base is None or os.path.isabs(root) else str(Path(base).expanduser() / root)
+
     # ---- domains -----------------------------------------------------------------------
     @property
     def uses_synthetic_source(self) -> bool:
-        return self.hparams.source is None
+        return self.source_spec.name == "synthetic"
 
     @property
     def eval_domains(self) -> list[str]:
@@ -140,15 +235,31 @@ class DGSegDataModule(LightningDataModule):
         return self._source_val_domain
 
     # ---- datasets ----------------------------------------------------------------------
-    def _synthetic(self, domain: str, length: int, first_index: int = 0, transform=None) -> Dataset:
+    def _synthetic(self, spec: DatasetSpec, transform=None) -> Dataset:
+        """A synthetic entry: split ``train`` is images 0..N-1, any other split the held-out
+        images; options ``length`` and ``image_size`` default to the ``synthetic_*`` arguments."""
         hp = self.hparams
-        return SyntheticDomainDataset(domain, length, seed=hp.seed, size=tuple(hp.synthetic_image_size),
-                                      first_index=first_index, transform=transform)
+        options = dict(spec.options)
+        unknown = sorted(set(options) - {"length", "image_size"})
+        if unknown:
+            raise ValueError(f"synthetic entry {spec}: unknown option(s) {unknown}; known: ['image_size', 'length']")
+        train = spec.split == "train"
+        length = options.get("length", hp.synthetic_train_size if train else hp.synthetic_val_size)
+        dataset = SyntheticDomainDataset(
+            spec.domain or SOURCE_DOMAIN, length, seed=hp.seed,
+            size=tuple(options.get("image_size", hp.synthetic_image_size)),
+            first_index=0 if train else SYNTHETIC_VAL_FIRST_INDEX, transform=transform)
+        return dataset
 
-    @staticmethod
-    def _from_spec(spec: DatasetSpec, transform=None) -> Dataset:
-        return build_dataset(spec.name, spec.root, spec.split, domain=spec.domain,
-                             transform=transform, **spec.options)
+    def _from_spec(self, spec: DatasetSpec, transform=None) -> Dataset:
+        if spec.name == "synthetic":
+            return self._synthetic(spec, transform)
+        if spec.root is None:
+            raise ValueError(f"dataset entry {spec}: `root` is required for {spec.name!r}")
+        options = {key: self.resolve_root(value) if key in PATH_OPTIONS and isinstance(value, str) else value
+                   for key, value in spec.options.items()}
+        return build_dataset(spec.name, self.resolve_root(spec.root), spec.split, domain=spec.domain,
+                             transform=transform, **options)
 
     def _augmentation_seed(self) -> int:
         """``seed`` plus the global rank: DDP ranks draw different crops and classes."""
@@ -168,17 +279,9 @@ class DGSegDataModule(LightningDataModule):
         if self.eval_sets:
             return self.eval_sets
         hp = self.hparams
-        sets: list[Dataset] = []
-        if hp.source_val is not None:
-            sets.append(self._from_spec(hp.source_val))
-        elif self.uses_synthetic_source:
-            sets.append(self._synthetic(hp.synthetic_source, hp.synthetic_val_size, SYNTHETIC_VAL_FIRST_INDEX))
-        self._source_val_domain = sets[0].domain if sets else None
-        if hp.targets is not None:
-            sets += [self._from_spec(spec) for spec in hp.targets]
-        else:
-            targets = hp.synthetic_targets or [d for d in DOMAINS if d != hp.synthetic_source]
-            sets += [self._synthetic(d, hp.synthetic_val_size, SYNTHETIC_VAL_FIRST_INDEX) for d in targets]
+        sets = [self._from_spec(spec) for spec in self.eval_specs]
+        has_source_val = self.source_val is not None or self.uses_synthetic_source
+        self._source_val_domain = sets[0].domain if has_source_val and sets else None
         names = [dataset.domain for dataset in sets]
         if len(set(names)) != len(names):
             raise ValueError(f"evaluation domain names must be unique, got {names}: set `domain` in the dataset entries")
@@ -188,9 +291,7 @@ class DGSegDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         hp = self.hparams
         if stage == "fit" and self.train_set is None:
-            transform = self._train_transform()
-            train_set = (self._synthetic(hp.synthetic_source, hp.synthetic_train_size, 0, transform)
-                         if self.uses_synthetic_source else self._from_spec(hp.source, transform))
+            train_set = self._from_spec(self.source_spec, self._train_transform())
             if hp.class_uniform_pct > 0:
                 class_images = class_image_index(train_set, cache_file=hp.class_index_cache,
                                                  num_workers=hp.num_workers)
@@ -221,14 +322,14 @@ class DGSegDataModule(LightningDataModule):
                                    num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
                                    worker_init_fn=_seed_worker if hp.num_workers > 0 else None)
 
-    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+    def _eval_loader(self, dataset: Dataset, batch_size: int | None = None) -> DataLoader:
         hp = self.hparams
         sampler = None
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
                                                    rank=trainer.global_rank, shuffle=False)
-        return DataLoader(dataset, batch_size=hp.eval_batch_size, sampler=sampler, shuffle=False,
+        return DataLoader(dataset, batch_size=batch_size or hp.eval_batch_size, sampler=sampler, shuffle=False,
                           num_workers=hp.num_workers)
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -238,4 +339,6 @@ class DGSegDataModule(LightningDataModule):
         return self.val_dataloader()
 
     def predict_dataloader(self) -> list[DataLoader]:
-        return [self._eval_loader(dataset) for dataset in self.predict_sets]
+        # A folder of photos comes in any mix of sizes: one image a batch, predicted at its size.
+        return [self._eval_loader(dataset, batch_size=1 if self.hparams.predict_root is not None else None)
+                for dataset in self.predict_sets]

@@ -10,20 +10,23 @@ Each concrete dataset only lists its files for a ``root`` and ``split``; errors 
 or folder at fault and, for a missing folder, the layout that was expected. ``DATASETS`` and
 :func:`build_dataset` let a config name a dataset. The folder layouts are in ``docs/datasets.md``.
 
-Images are decoded with OpenCV (converted to RGB); label images with Pillow, which keeps the
-class indices of palette PNGs (GTAV, Mapillary) where OpenCV would expand them to colours.
+Images and label images are decoded in full with Pillow, which raises on a truncated file
+(OpenCV decodes a truncated JPEG with a grey lower part and only a libjpeg warning) and keeps
+the class indices of palette PNGs (GTAV, Mapillary) where OpenCV would expand them to colours.
 SYNTHIA's 16-bit labels are the exception, read with OpenCV (see :class:`SynthiaDataset`).
 """
 
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 
 from .labels import (
@@ -42,21 +45,36 @@ LABEL_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 
 
+def _decode(path: Path) -> Image.Image:
+    """The fully decoded Pillow image at ``path``; a truncated or corrupt file raises ``OSError``
+    naming it (truncated files are never padded: ``LOAD_TRUNCATED_IMAGES`` must stay off)."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on: truncated images would be "
+                           "decoded as grey; turn it off")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return opened.copy()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise OSError(f"{path}: cannot decode ({error})") from error
+
+
 def read_image(path: Path) -> np.ndarray:
-    """The uint8 RGB (H, W, 3) image at ``path``; ``OSError`` naming it if it cannot be decoded."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise OSError(f"{path}: cannot decode image (missing, corrupt or unsupported format)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    """The uint8 RGB (H, W, 3) image at ``path`` (grey, palette, RGBA, CMYK and 16-bit images
+    converted; EXIF orientation applied); ``OSError`` naming the file if it is missing,
+    truncated or corrupt."""
+    image = ImageOps.exif_transpose(_decode(Path(path)))
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: keep the top 8 bits
+        return np.repeat((np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    return np.array(image.convert("RGB"))
 
 
 def read_label(path: Path) -> np.ndarray:
     """The (H, W) array of ids in the single-channel (grey or palette) label image at ``path``."""
     try:
-        with Image.open(path) as label:
-            ids = np.asarray(label)
+        ids = np.asarray(_decode(Path(path)))
     except OSError as error:
-        raise OSError(f"{path}: cannot decode label image ({error})") from error
+        raise OSError(f"{path}: cannot decode label image ({error.__cause__ or error})") from error
     if ids.ndim != 2:
         raise ValueError(
             f"{path}: expected a single-channel label image of class ids, got shape {ids.shape} "
@@ -120,7 +138,11 @@ class SegmentationDataset(Dataset):
     def sample(self, index: int, **transform_args) -> dict:
         """Item ``index``, with extra named inputs for the transform (e.g. ``crop_class``)."""
         image, mask = self.load(index)
-        return make_sample(image, mask, self.domain, self.pairs[index][0].stem, self.transform, **transform_args)
+        return make_sample(image, mask, self.domain, self.name_of(index), self.transform, **transform_args)
+
+    def name_of(self, index: int) -> str:
+        """The sample name of pair ``index``: its image file's stem."""
+        return self.pairs[index][0].stem
 
     def load_mask(self, index: int) -> np.ndarray | None:
         """The train-id mask of pair ``index`` alone (no image decoded), before the transform."""
@@ -172,14 +194,38 @@ def _list_files(folder: Path, pattern: str, layout: str) -> list[Path]:
     return files
 
 
+#: While set (by :func:`collect_missing_labels`), images without a label are recorded here and
+#: left out instead of raising: ``deft-lightning check-data`` reports every problem in one pass.
+_MISSING_LABELS: ContextVar[list[tuple[Path, Path]] | None] = ContextVar("missing_labels", default=None)
+
+
+@contextmanager
+def collect_missing_labels() -> Iterator[list[tuple[Path, Path]]]:
+    """Within the block, datasets built leave out images whose label file is missing and list
+    them, as (image, expected label), in the yielded list."""
+    missing: list[tuple[Path, Path]] = []
+    token = _MISSING_LABELS.set(missing)
+    try:
+        yield missing
+    finally:
+        _MISSING_LABELS.reset(token)
+
+
 def _with_labels(images: Sequence[Path], label_for, layout: str) -> list[ImageLabelPair]:
-    """Pair every image with ``label_for(image)``; an image whose label is missing is an error."""
+    """Pair every image with ``label_for(image)``; images whose label is missing are an error
+    naming them all (or are listed, inside :func:`collect_missing_labels`)."""
     pairs = [(image, label_for(image)) for image in images]
-    for image, label in pairs:
-        if not label.is_file():
-            raise FileNotFoundError(
-                f"no label for image {image}: expected {label}\nexpected layout: {layout}"
-            )
+    missing = [(image, label) for image, label in pairs if not label.is_file()]
+    collected = _MISSING_LABELS.get()
+    if missing and collected is not None:
+        collected += missing
+        return [(image, label) for image, label in pairs if label.is_file()]
+    if missing:
+        listing = "\n".join(f"  {image}: expected {label}" for image, label in missing[:10])
+        more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise FileNotFoundError(
+            f"no label for {len(missing)} of {len(pairs)} images:\n{listing}{more}\nexpected layout: {layout}"
+        )
     return pairs
 
 
@@ -441,13 +487,19 @@ class ACDCDataset(SegmentationDataset):
 class FolderDataset(SegmentationDataset):
     """A folder of images (png, jpg, jpeg, bmp, tif), for predict and custom datasets.
 
-    Images are read from ``<root>/<split>`` (``split=""``: ``root`` itself). With
-    ``mask_root``, every image needs a label image of the same stem (png, bmp or tif) in
-    ``<mask_root>/<split>``, already in train ids 0..18 / 255 (validated); without it, masks
-    are all 255. The domain defaults to the image folder's name.
+    Images are read from ``<root>/<split>`` (``split=""``: ``root`` itself): every image file
+    in it, or those named by ``files``, either a glob pattern relative to that folder
+    (``"**/*.jpg"``, ``"street_*"``) or a list of paths relative to it (or absolute). With
+    ``mask_root``, every image needs a label image of the same stem and relative subfolder
+    (png, bmp or tif) in ``<mask_root>/<split>``, or in ``mask_root`` itself when that has no
+    ``<split>`` subfolder; labels are already in train ids 0..18 / 255 (validated). Without
+    it, masks are all 255. The domain defaults to the image folder's name.
     """
 
-    layout = "<root>/<split>/*.{png,jpg,jpeg,bmp,tif}, optional <mask_root>/<split>/<same stem>.png"
+    layout = (
+        "<root>/<split>/*.{png,jpg,jpeg,bmp,tif} (or `files`: a glob or a list), optional "
+        "<mask_root>/<split>/<same stem>.png or <mask_root>/<same stem>.png"
+    )
 
     def __init__(
         self,
@@ -456,30 +508,61 @@ class FolderDataset(SegmentationDataset):
         domain: str | None = None,
         transform: Transform | None = None,
         mask_root: str | None = None,
+        files: str | list[str] | None = None,
     ) -> None:
         image_dir = _require_dir(Path(root) / split, self.layout)
-        images = sorted(
-            path for path in image_dir.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES
-        )
-        if not images:
-            raise FileNotFoundError(
-                f"no images match {image_dir}/*{{{','.join(IMAGE_SUFFIXES)}}}\n"
-                f"expected layout: {self.layout}"
-            )
+        images = self._select(image_dir, files)
         pairs: list[ImageLabelPair] = [(image, None) for image in images]
         if mask_root is not None:
-            mask_dir = _require_dir(Path(mask_root) / split, self.layout)
-            masks = {
-                path.stem: path
-                for path in mask_dir.iterdir()
-                if path.suffix.lower() in LABEL_SUFFIXES
-            }
+            split_dir = Path(mask_root) / split
+            mask_dir = _require_dir(split_dir if split and split_dir.is_dir() else Path(mask_root), self.layout)
 
             def mask_for(image: Path) -> Path:
-                return masks.get(image.stem, mask_dir / f"{image.stem}.png")
+                relative = image.relative_to(image_dir) if image.is_relative_to(image_dir) else Path(image.name)
+                stem = mask_dir / relative.parent / relative.stem
+                found = [stem.with_name(stem.name + suffix) for suffix in LABEL_SUFFIXES
+                         if stem.with_name(stem.name + suffix).is_file()]
+                return found[0] if found else stem.with_name(stem.name + ".png")
 
             pairs = _with_labels(images, mask_for, self.layout)
         super().__init__(pairs, domain or image_dir.resolve().name, transform)
+        self.names = self._unique_names(image_dir, images)
+
+    def name_of(self, index: int) -> str:
+        return self.names[index]
+
+    @staticmethod
+    def _unique_names(image_dir: Path, images: list[Path]) -> list[str]:
+        """Stems, unless two images share one (``street.jpg``, ``street.png``; or the same name in
+        two subfolders): those are named by their path relative to the folder, suffix included,
+        so no two predictions are written to one file."""
+        stems = [image.stem for image in images]
+        clashing = {stem for stem in stems if stems.count(stem) > 1}
+        return [
+            (image.relative_to(image_dir).as_posix() if image.is_relative_to(image_dir) else str(image))
+            if image.stem in clashing else image.stem
+            for image in images
+        ]
+
+    def _select(self, image_dir: Path, files: str | list[str] | None) -> list[Path]:
+        if files is None or isinstance(files, str):
+            pattern = files or "*"
+            images = sorted(path for path in image_dir.glob(pattern)
+                            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                raise FileNotFoundError(
+                    f"no images ({', '.join(IMAGE_SUFFIXES)}) match {image_dir / pattern}\n"
+                    f"expected layout: {self.layout}"
+                )
+            return images
+        images = [image_dir / name for name in files]
+        missing = [str(image) for image in images if not image.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of the {len(images)} listed files are missing, "
+                                    f"e.g. {missing[:3]}")
+        if not images:
+            raise ValueError(f"`files` lists no images for {image_dir}")
+        return images
 
 
 DATASETS: dict[str, type[SegmentationDataset]] = {
@@ -505,7 +588,7 @@ def build_dataset(
 
     ``domain`` defaults to the dataset's name; ``kwargs`` go to the dataset class (e.g.
     ``size`` for mapillary, ``condition`` for acdc, ``split_file`` for gtav and synthia,
-    ``mask_root`` for folder).
+    ``mask_root`` and ``files`` for folder).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")

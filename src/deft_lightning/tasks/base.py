@@ -36,6 +36,7 @@ from ..data.labels import CLASSES, IGNORE_INDEX, NUM_CLASSES
 from ..data.transforms import lab_style_augmentation
 from ..metrics import DomainIoU
 from ..net import SegmentationNet
+from ..sliding_window import sliding_window_logits
 from ..results import write_test_results
 from ..speedups import RegionsCompiler, images_channels_last, to_channels_last, use_channels_last
 
@@ -55,6 +56,11 @@ class SegmentationTask(LightningModule):
             ``eval_domains``.
         style_augmentation: append a LAB-restyled copy of every training batch, labels
             duplicated (DeFT's recipe; :func:`~deft_lightning.data.transforms.lab_style_augmentation`).
+        sliding_window, sliding_stride: evaluate (validate/test/predict) with sliding-window
+            inference, windows of (height, width) every (height, width) pixels with logits
+            averaged over overlaps (mmsegmentation's ``slide``;
+            :mod:`~deft_lightning.sliding_window`); ``None`` (default): whole-image inference,
+            the DG protocol. The stride defaults to two thirds of the window.
         channels_last: nets and images in the channels_last memory format; ``None`` (default):
             on for CUDA devices, off on CPU (:mod:`~deft_lightning.speedups`).
         compile: ``torch.compile`` every encoder and decoder of the task one by one
@@ -83,6 +89,8 @@ class SegmentationTask(LightningModule):
         schedule_steps: int | None = None,
         domains: list[str] | None = None,
         style_augmentation: bool = False,
+        sliding_window: tuple[int, int] | None = None,
+        sliding_stride: tuple[int, int] | None = None,
         channels_last: bool | None = None,
         compile: bool = False,
         compile_options: dict[str, Any] | None = None,
@@ -165,7 +173,13 @@ class SegmentationTask(LightningModule):
         return images_channels_last(images) if self.uses_channels_last else images
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.inference_net()(images)
+        """Logits of the inference net: whole-image, or sliding-window when ``sliding_window`` is set."""
+        window = self.hparams.get("sliding_window")
+        if window is None:
+            return self.inference_net()(images)
+        window = tuple(window)
+        stride = self.hparams.get("sliding_stride") or tuple(max(1, 2 * side // 3) for side in window)
+        return sliding_window_logits(self.inference_net(), images, window, tuple(stride))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # `deft-lightning export` rebuilds the task from its class and hyperparameters.
@@ -242,7 +256,9 @@ class SegmentationTask(LightningModule):
         return ious
 
     def on_validation_epoch_end(self) -> None:
-        self._log_domain_miou("val")
+        ious = self._log_domain_miou("val")
+        if self.trainer.state.fn == "validate":  # `validate` alone: one table, domains as columns
+            rank_zero_info("\n" + format_iou_table(ious, self.source_val_domain))
 
     def on_test_epoch_end(self) -> None:
         confusions = self.metrics.confusion_matrices()  # before _log_domain_miou resets them

@@ -66,8 +66,10 @@ class DAFT(SegmentationTask):
         init_checkpoint: a task checkpoint whose ``net`` weights initialise this run (LP-FT:
             the LP run's). Loaded when fitting starts, before a resumed checkpoint is restored,
             so ``ckpt_path`` still wins on resume.
-        **kwargs: see :class:`SegmentationTask`; ``lr`` is ``η_θ`` (encoder) and
-            ``decoder_lr`` is ``η_w`` (head), ``weight_decay``/``decoder_weight_decay`` alike
+        decoder_lr: ``η_w``, the head's (decoder's) learning rate; default 0.1, 10x the default
+            ``lr`` = ``η_θ`` (configs/daft.yaml; FT/LP/LP-FT set it equal to ``lr`` or their own).
+        **kwargs: see :class:`SegmentationTask`; ``lr`` is ``η_θ`` (encoder),
+            ``weight_decay``/``decoder_weight_decay`` alike
             (the paper is silent on weight decay: our reading, the base default 5e-4).
     """
 
@@ -81,6 +83,7 @@ class DAFT(SegmentationTask):
         bn_conversion_parts: Sequence[str] = ("encoder",),
         bn_conversion_batches: int | None = None,
         init_checkpoint: str | None = None,
+        decoder_lr: float | None = 0.1,
         **kwargs: Any,
     ) -> None:
         if head_init not in ("zero", "random"):
@@ -90,7 +93,7 @@ class DAFT(SegmentationTask):
         if not bn_conversion_parts or set(bn_conversion_parts) - set(PARTS):
             raise ValueError(f"bn_conversion_parts must be a non-empty subset of {PARTS}, "
                              f"got {list(bn_conversion_parts)}")
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, decoder_lr=decoder_lr, **kwargs)
         self._init_checkpoint_loaded = False
 
     def configure_models(self) -> None:

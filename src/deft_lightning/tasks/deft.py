@@ -83,20 +83,25 @@ class DeFT(SegmentationTask):
             warms up for 10 epochs, about 7,740 steps at batch 16.
         warmup_frozen_bn: BN mode of the frozen encoder during warm-up.
         warmup_lr, warmup_weight_decay: the decoder's lr and weight decay during warm-up
-            (default: its stage-2 values).
+            (``None``: its stage-2 values; default weight decay 5e-3, the authors' GTAV value).
         stage2_encoder_bn: BN buffers of the encoders at stage-2 start: ``"split"`` (authors:
             ``e~2`` warmed, ``e1`` pretrained), ``"pretrained"`` or ``"warmed"`` for both.
         beta_encoder, beta_decoder: EMA decays β_e (``e~2`` follows ``e1``) and β_d (``d~1``
             follows ``d2``).
         beta_reference_steps: when set, use ``β^(R/T)`` for a stage 2 of ``T`` steps (β by
-            horizon; the paper's R is :data:`PAPER_STAGE2_STEPS`).
+            horizon; default the paper's R, :data:`PAPER_STAGE2_STEPS`, the identity for a
+            paper-length run); ``None`` uses β as given.
         ema_buffers: RC buffers: ``"none"`` (authors: from the RCs' own forward passes),
             ``"average"`` or ``"copy"`` (see :mod:`deft_lightning.callbacks.ema`).
         final_model: ``"I"``, ``"II"``, ``"III"`` or ``"IV"`` (see :data:`FINAL_MODELS`).
         distance_regularization: ``None``, ``"l2sp"`` or ``"projection"``.
         l2sp_weight: λ of the L2-SP penalty.
         projection_radius: r of the projection (per parameter tensor, Frobenius norm).
+        style_augmentation: LAB style-augmented copy of every batch (the DeFT recipe; on by default).
         **kwargs: see :class:`SegmentationTask` (``schedule_steps`` is the stage-2 horizon).
+
+    The defaults are the method of configs/deft.yaml; that config differs only in
+    ``warmup_steps`` (200 of a 2,000-step synthetic run instead of the paper's 7,740).
     """
 
     #: ``distance_regularization`` adds the ACs' start copies to the weights.
@@ -108,16 +113,17 @@ class DeFT(SegmentationTask):
         warmup_steps: int = 7740,
         warmup_frozen_bn: Literal["train", "eval"] = "train",
         warmup_lr: float | None = None,
-        warmup_weight_decay: float | None = None,
+        warmup_weight_decay: float | None = 5e-3,
         stage2_encoder_bn: Literal["split", "pretrained", "warmed"] = "split",
         beta_encoder: float = 0.9999,
         beta_decoder: float = 0.9999,
-        beta_reference_steps: int | None = None,
+        beta_reference_steps: int | None = PAPER_STAGE2_STEPS,
         ema_buffers: Literal["none", "average", "copy"] = "none",
         final_model: Literal["I", "II", "III", "IV"] = "IV",
         distance_regularization: Literal["l2sp", "projection"] | None = None,
         l2sp_weight: float = 0.01,
         projection_radius: float = 1.0,
+        style_augmentation: bool = True,
         **kwargs: Any,
     ) -> None:
         if warmup_steps < 0:
@@ -132,7 +138,7 @@ class DeFT(SegmentationTask):
         if distance_regularization not in (None, "l2sp", "projection"):
             raise ValueError(f"distance_regularization must be None, 'l2sp' or 'projection', "
                              f"got {distance_regularization!r}")
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, style_augmentation=style_augmentation, **kwargs)
 
     # ---- the four components -----------------------------------------------------------
     def configure_models(self) -> None:
