@@ -66,8 +66,9 @@ def test_net(source: str, config: dict) -> dict[str, float]:
     """Test metrics of the inference net of ``source`` (any merge input) on every domain."""
     task = JointFinetune(**{**config, "encoder_weights": None})
     task.net.load_state_dict(load_net_state(source).state)
+    # Test outputs (IoU table, confusion matrices) go beside the source, not into the cwd.
     trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False)
+                      enable_model_summary=False, default_root_dir=f"{Path(source).with_suffix('')}_test")
     metrics = trainer.test(task, DGSegDataModule(**DATA), verbose=False)[0]
     return {key: float(value) for key, value in metrics.items()}
 

@@ -31,6 +31,7 @@ class InputFormats(Callback):
 
 
 def fit(task, root, data_kwargs, steps=3, callbacks=()):
+    torch.manual_seed(0)  # the same random draws (DeFT's LAB style augmentation) in both runs
     trainer = Trainer(**trainer_kwargs(root, max_steps=steps, callbacks=list(callbacks)))
     trainer.fit(task, DGSegDataModule(**data_kwargs))
     return trainer

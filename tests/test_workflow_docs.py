@@ -49,19 +49,21 @@ def test_tensorboard_preset_logs_overlays_and_the_test_table(tmp_path):
                         "enable_progress_bar": False, "enable_model_summary": False}}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))
     configs = ["--config", str(ROOT / "configs/deft.yaml"), "--config", str(ROOT / "configs/logger/tensorboard.yaml"),
-               "--config", "tiny.yaml", f"--trainer.logger.init_args.save_dir={tmp_path / 'tb'}"]
+               "--config", "tiny.yaml"]
     fit = deft_lightning("fit", *configs, cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
-    (checkpoint,) = (tmp_path / "tb").rglob("last.ckpt")
+    (checkpoint,) = tmp_path.rglob("last.ckpt")  # wherever the run folder layout puts it
     test = deft_lightning("test", *configs, f"--ckpt_path={checkpoint}", cwd=tmp_path)
     assert test.returncode == 0, test.stderr[-3000:]
+    events = [p.parent for p in sorted(tmp_path.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)]
+    assert len(events) == 2, events  # the fit's and the test's
     fit_events, test_events = (EventAccumulator(str(d), size_guidance={"images": 0, "tensors": 0}).Reload()
-                               for d in sorted((tmp_path / "tb/deft-lightning").glob("version_*")))
+                               for d in events)
     assert sorted(fit_events.Tags()["images"]) == [f"val/predictions/{d}" for d in sorted(["clear", "night", "fog"])]
     (image,) = fit_events.Images("val/predictions/night")
     assert (image.width, image.height) == (3 * 128, 64)  # image | truth | prediction
     (text,) = test_events.Tensors("test/per_class_iou/text_summary")
     assert b"| **mIoU** |" in text.tensor_proto.string_val[0]
-    folder = next((tmp_path / "tb").rglob("test_iou.md")).parent
+    folder = next(tmp_path.rglob("test_iou.md")).parent
     assert sorted(p.name for p in folder.glob("confusion_*.png")) == ["confusion_clear.png", "confusion_fog.png",
                                                                       "confusion_night.png"]
