@@ -38,6 +38,32 @@ def test_shipped_sweep_expands_into_wandbs_grid_and_commands(path):
         assert agent_command(spec, values) == expected
 
 
+def test_nested_parameters_reach_the_command_as_wandbs_agent_passes_them(tmp_path):
+    """wandb's nested ``parameters``: expanded like dotted names, passed as one argument per
+    top-level key holding the nested mapping (what the agent's ``${args}`` gives for a nested
+    run config); jsonargparse merges it into the config's model (test_grid_sweep_* runs one)."""
+    from wandb.sdk.launch.sweeps import utils as wandb_sweep_utils
+
+    nested = {"init_args": {"parameters": {"lr": {"values": [0.1, 0.01]}, "beta_encoder": {"value": 0.99}}}}
+    path = tmp_path / "nested.yaml"
+    path.write_text(yaml.safe_dump({"program": "deft-lightning", "method": "grid", "parameters": {
+        "model": {"parameters": nested}, "trainer.max_steps": {"values": [5, 10]}},
+        "command": ["${env}", "${program}", "fit", "${args}"]}))
+    spec = load_sweep(path)
+    points = expand(spec)
+    assert swept_names(spec) == ["model.init_args.lr", "trainer.max_steps"]
+    assert [(p["model.init_args.lr"], p["trainer.max_steps"]) for p in points] == [(0.1, 5), (0.1, 10), (0.01, 5), (0.01, 10)]
+    for values in points:
+        run_config = {"model": {"init_args": {"beta_encoder": 0.99, "lr": values["model.init_args.lr"]}},
+                      "trainer.max_steps": values["trainer.max_steps"]}
+        wandb_args = wandb_sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in run_config.items()}})
+        assert agent_command(spec, values) == ["/usr/bin/env", "deft-lightning", "fit", *wandb_args["args"]]
+    path.write_text(yaml.safe_dump({"method": "grid", "parameters": {
+        "model": {"parameters": nested}, "model.init_args.lr": {"values": [1.0]}}}))
+    with pytest.raises(SweepError, match="'model.init_args.lr' is given twice"):
+        load_sweep(path)
+
+
 RANDOM_SWEEP = {
     "method": "random",
     "metric": {"name": "val/mIoU_source", "goal": "maximize"},
@@ -101,7 +127,8 @@ def grid_sweep(tmp_path_factory):
                         "enable_progress_bar": False, "enable_model_summary": False}}
     (root / "tiny.yaml").write_text(yaml.safe_dump(tiny))
     sweep = {"program": "deft-lightning", "method": "grid", "metric": {"name": "val/mIoU_source", "goal": "maximize"},
-             "parameters": {"model.init_args.lr": {"values": [0.05, 0.0001]}, "model.init_args.momentum": {"value": 0.9}},
+             "parameters": {"model.init_args.lr": {"values": [0.05, 0.0001]},  # one dotted, one nested
+                            "model": {"parameters": {"init_args": {"parameters": {"momentum": {"value": 0.7}}}}}},
              "command": ["${env}", "${program}", "fit", "--config", str(ROOT / "configs/joint.yaml"),
                          "--config", "tiny.yaml", "${args}"]}
     (root / "grid.yaml").write_text(yaml.safe_dump(sweep))
@@ -132,6 +159,7 @@ def test_grid_sweep_runs_every_point_and_ranks_them_by_the_metric(grid_sweep):
                 assert png.format == "PNG" and min(png.size) > 200
         config = yaml.safe_load(next((folder / row["point"]).rglob("config.yaml")).read_text())
         assert config["model"]["init_args"]["lr"] == float(row["model.init_args.lr"])
+        assert config["model"]["init_args"]["momentum"] == 0.7  # the nested parameter, merged (default 0.9)
 
 
 def test_grid_sweep_rerun_keeps_finished_points(grid_sweep):

@@ -15,6 +15,9 @@ Reads the YAML that ``wandb sweep`` takes, unchanged (``method``, ``parameters``
   (bounds are exponents), ``log_uniform_values``, ``inv_log_uniform[_values]``,
   ``q_log_uniform[_values]``, ``normal``, ``q_normal``, ``log_normal``, ``q_log_normal``,
   ``beta``, ``q_beta``) by a generator seeded with ``--seed``: the same seed, the same points;
+- nested ``parameters`` (``model: {parameters: {init_args: {parameters: {lr: ...}}}}``) are
+  expanded like the dotted name ``model.init_args.lr`` and passed as wandb's agent passes them,
+  one ``--model={'init_args': {'lr': ...}}`` per top-level key;
 - ``bayes`` needs wandb's server, which models the finished runs: ``wandb sweep FILE`` then
   ``wandb agent ID``. It is refused here with that message.
 
@@ -85,6 +88,8 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     parameters = sweep.get("parameters")
     if not isinstance(parameters, dict) or not parameters:
         raise SweepError(f"{path}: 'parameters' must be a non-empty mapping of parameter name -> spec")
+    sweep["paths"] = leaf_paths(parameters, path)
+    sweep["parameters"] = parameters = {name: leaf(sweep["parameters"], keys) for name, keys in sweep["paths"].items()}
     for name, spec in parameters.items():
         try:
             kind = distribution(name, spec)
@@ -102,13 +107,35 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     return sweep
 
 
+def leaf_paths(parameters: dict[str, Any], path: Path, prefix: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
+    """Every parameter spec by its dotted name, with the keys that lead to it through wandb's
+    nested ``parameters`` (``model: {parameters: {init_args: {parameters: {lr: ...}}}}`` gives
+    ``model.init_args.lr`` -> ``("model", "init_args", "lr")``)."""
+    paths: dict[str, tuple[str, ...]] = {}
+    for key, spec in parameters.items():
+        keys = (*prefix, str(key))
+        if isinstance(spec, dict) and "parameters" in spec:
+            if not isinstance(spec["parameters"], dict) or not spec["parameters"]:
+                raise SweepError(f"{path}: nested parameter {'.'.join(keys)!r}: 'parameters' must be a non-empty mapping")
+            found = leaf_paths(spec["parameters"], path, keys)
+        else:
+            found = {".".join(keys): keys}
+        for name in found:
+            if name in paths:
+                raise SweepError(f"{path}: parameter {name!r} is given twice (once nested, once by its dotted name)")
+        paths.update(found)
+    return paths
+
+
+def leaf(parameters: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    spec = parameters[keys[0]]
+    return spec if len(keys) == 1 else leaf(spec["parameters"], keys[1:])
+
+
 def distribution(name: str, spec: Any) -> str:
     """The wandb distribution of a parameter spec, inferred as wandb does when not given."""
     if not isinstance(spec, dict):
         raise SweepError(f"parameter {name!r}: expected a mapping such as {{values: [...]}}, got {spec!r}")
-    if "parameters" in spec:
-        raise SweepError(f"parameter {name!r}: nested parameters are not supported by the local runner; "
-                         "use dotted names (model.init_args.lr)")
     kind = spec.get("distribution")
     if kind is None:
         if "value" in spec:
@@ -214,7 +241,11 @@ def swept_names(sweep: dict[str, Any]) -> list[str]:
 def agent_command(sweep: dict[str, Any], values: dict[str, Any], extra: list[str] = (),
                   args_json_file: str = "args.json") -> list[str]:
     """The command ``wandb agent`` runs for one point (wandb_agent.Agent._command_run), with
-    ``extra`` arguments placed just before the point's ``${args}``."""
+    ``extra`` arguments placed just before the point's ``${args}``. Nested parameters become one
+    argument per top-level key whose value is the nested mapping, as wandb's run config holds
+    it (``--model={'init_args': {'lr': 0.01}}``: jsonargparse reads it as YAML and keeps the
+    config's class_path)."""
+    values = run_config(sweep, values)
     flags = [f"--{k}={v}" for k, v in values.items()]
     macros = {
         "env": ["/usr/bin/env"],
@@ -242,6 +273,18 @@ def agent_command(sweep: dict[str, Any], values: dict[str, Any], extra: list[str
     return command
 
 
+def run_config(sweep: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A point's values keyed as wandb's run config: nested parameters as nested mappings."""
+    config: dict[str, Any] = {}
+    for name, value in values.items():
+        *parents, last = sweep.get("paths", {}).get(name, (name,))
+        node = config
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return config
+
+
 def point_names(points: list[dict[str, Any]], swept: list[str]) -> list[str]:
     """Folder names from the swept values (``beta_encoder=0.99,lr=0.01``); the last part of a
     dotted name when that is unambiguous; a ``-<index>`` suffix where two points would clash."""
@@ -264,6 +307,7 @@ class Point:
     values: dict[str, Any]
     folder: Path
     command: list[str]
+    config: dict[str, Any] = field(default_factory=dict)  # as wandb's run config (nested parameters nested)
     result: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -309,7 +353,7 @@ def run_point(point: Point, threads: int, test: bool, group: str, print_lock: th
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "WANDB_RUN_GROUP": group, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.setdefault("WANDB_MODE", "offline")
-    (point.folder / "args.json").write_text(json.dumps(point.values) + "\n")
+    (point.folder / "args.json").write_text(json.dumps(point.config) + "\n")
     start = time.perf_counter()
     with print_lock:
         print(f"{point.name}: running ({threads} threads), log {point.folder / 'sweep.log'}", flush=True)
@@ -436,7 +480,7 @@ def sweep(sweep_file: str, *, count: int | None = None, seed: int = 0, parallel:
             command += [f"--trainer.logger.init_args.save_dir={folder}"]
         command += ['--trainer.callbacks+={"class_path": "deft_lightning.callbacks.RunSummary", '
                     f'"init_args": {{"path": {json.dumps(str(folder / "summary.json"))}}}}}']
-        points.append(Point(name, values, folder, command))
+        points.append(Point(name, values, folder, command, run_config(spec, values)))
     print(f"sweep {config}: {spec['method']}, {len(points)} points, {parallel} at a time, {threads} threads each, "
           f"in {sweep_root}; selecting on {metric} ({goal})", flush=True)
     if dry_run:
