@@ -3,7 +3,6 @@ only that every script runs end to end and prints its table)."""
 
 import re
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -40,8 +39,18 @@ def test_throughput_lightning_against_bare_loop_and_peak_memory():
     table = throughput.main(["--net", "tiny", "--methods", "joint", "DeFT (stage 2)", "--steps", "1",
                              "--warmup", "1", "--rounds", "1", "--no-memory"])
     assert len(ratios(table)) == 3  # two Lightning/bare ratios and DeFT/joint
-    args = Namespace(net="tiny", warmup=1, threads=1)
+    args = throughput.parse_args(["--net", "tiny", "--warmup", "1"])
     assert throughput.peak_memory("joint", "bare", args) > 0  # the fresh-process probe
+
+
+def test_throughput_with_the_gpu_switches_on_the_cpu():
+    """The GPU figures' options (bf16 autocast in both loops, channels_last, regional compile,
+    loader workers, batch and crop) run end to end; only the device differs on a GPU."""
+    table = throughput.main(["--net", "tiny", "--methods", "DAFT", "--steps", "1", "--warmup", "1", "--rounds", "1",
+                             "--no-memory", "--precision", "bf16-mixed", "--channels-last", "on", "--compile",
+                             "--compile-backend", "eager", "--batch", "2", "--crop", "32", "64", "--workers", "1"])
+    assert len(ratios(table)) == 1
+    assert "bf16-mixed, channels_last, regional torch.compile (eager)" in table and "crop 32x64" in table
 
 
 def test_data_pipeline_every_reader_and_format():

@@ -161,7 +161,12 @@ class SegmentationTask(LightningModule):
         self.source_val_domain = getattr(datamodule, "source_val_domain", None)
         if domains and (self.metrics is None or self.metrics.domains != list(domains)):
             self.configure_metrics(list(domains))
-        if use_channels_last(self.hparams.channels_last, self.trainer.strategy.root_device):
+        self.configure_speedups(self.trainer.strategy.root_device)
+
+    def configure_speedups(self, device: torch.device) -> None:
+        """channels_last and regional ``torch.compile`` as configured, for nets on ``device``
+        (``setup`` calls it; a training loop without a Trainer calls it itself)."""
+        if use_channels_last(self.hparams.channels_last, device):
             to_channels_last(self)
             self.uses_channels_last = True
         if self.hparams.compile:
