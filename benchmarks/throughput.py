@@ -23,7 +23,7 @@ after the imports. With ``--device cuda`` a step's time is wall time between CUD
 synchronisations, batches come from ``--workers`` loader processes, and peak memory is
 ``torch.cuda.max_memory_allocated`` of each run. ``--precision bf16-mixed`` (the bare loop
 autocasts its forward as Lightning does), ``--channels-last on|off`` (default: the library's
-rule, on for CUDA) and ``--compile`` (the library's regional ``torch.compile``) apply to both
+rule, on for CUDA and CPU) and ``--compile`` (the library's regional ``torch.compile``) apply to both
 kinds. DeFT/joint is set beside its arithmetic floor: the sum of the DeFT step's parts over the
 joint step's, from the parts table of the DeFT section (``benchmarks/deft_step.py``).
 
@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> str:
     hardware = (f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), {os.cpu_count()} CPU cores" if cuda
                 else f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores shared with other jobs, "
                      f"load average {load:.1f} at the start), no GPU")
-    channels_last = {"auto": "channels_last by the library's rule (on for CUDA, off on CPU)",
+    channels_last = {"auto": "channels_last (the library's default)",
                      "on": "channels_last", "off": "contiguous"}[args.channels_last]
     lines = [f"Measured with `{args.command}` on {hardware}, torch {torch.__version__}, {args.precision}, "
              f"{channels_last}, {'regional torch.compile (' + args.compile_backend + ')' if args.compile else 'eager'}, "

@@ -50,8 +50,8 @@ def assert_states_close(a, b, atol=1e-4):
 
 
 def test_channels_last_default_follows_the_device():
-    assert use_channels_last(None, torch.device("cuda", 0))
-    assert not use_channels_last(None, torch.device("cpu"))
+    assert use_channels_last(None, torch.device("cuda", 0)) and use_channels_last(None, torch.device("cpu"))
+    assert not use_channels_last(None, torch.device("mps"))
     assert use_channels_last(True, torch.device("cpu")) and not use_channels_last(False, torch.device("cuda"))
 
 
@@ -62,8 +62,8 @@ def test_channels_last_default_follows_the_device():
 def test_channels_last_converts_every_net_and_input_and_trains_like_contiguous(
         tmp_path, tiny_data_kwargs, task_class, kwargs):
     torch.manual_seed(0)
-    fast = task_class(**TINY_NET, channels_last=True, **kwargs)
-    plain = task_class(**TINY_NET, **kwargs)  # the default: off on CPU
+    fast = task_class(**TINY_NET, **kwargs)  # the default: on for CPU
+    plain = task_class(**TINY_NET, channels_last=False, **kwargs)
     plain.load_state_dict(fast.state_dict())
     formats = InputFormats()
     fit(fast, tmp_path / "fast", tiny_data_kwargs, steps=2, callbacks=[formats])

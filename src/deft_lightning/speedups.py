@@ -2,9 +2,10 @@
 ``torch.compile``.
 
 **channels_last** (NHWC) lets cuDNN and oneDNN pick their fastest convolution kernels. It is
-standard on GPUs; on CPUs it depends on the CPU and the net (docs/benchmarks.md: on a 2-core
-AMD EPYC in fp32 the training step was 0.85-1.09x as fast with it, across nets and runs). So the
-default, ``channels_last=None``, turns it on for CUDA devices only; ``True``/``False`` force it.
+standard on GPUs, and on CPUs it made the training step 1.09-1.34x as fast (docs/benchmarks.md:
+a 2-core AMD EPYC in fp32, three nets, measured side by side on an idle machine; 1.26x on an
+AMX CPU in bf16). So the default, ``channels_last=None``, turns it on for CUDA and CPU devices
+(other backends keep the contiguous format); ``True``/``False`` force it.
 :func:`to_channels_last` converts every 4-D parameter and buffer of a module (all of a task's
 nets: DeFT's four components, EMA copies); the tasks convert their input images too.
 
@@ -29,8 +30,8 @@ from torch import nn
 
 
 def use_channels_last(requested: bool | None, device: torch.device) -> bool:
-    """The memory format a task trains in: ``requested`` if set, else on for CUDA devices."""
-    return device.type == "cuda" if requested is None else requested
+    """The memory format a task trains in: ``requested`` if set, else on for CUDA and CPU devices."""
+    return device.type in ("cuda", "cpu") if requested is None else requested
 
 
 def to_channels_last(module: nn.Module) -> nn.Module:

@@ -62,7 +62,7 @@ class SegmentationTask(LightningModule):
             :mod:`~deft_lightning.sliding_window`); ``None`` (default): whole-image inference,
             the DG protocol. The stride defaults to two thirds of the window.
         channels_last: nets and images in the channels_last memory format; ``None`` (default):
-            on for CUDA devices, off on CPU (:mod:`~deft_lightning.speedups`).
+            on for CUDA and CPU devices, where it is faster (:mod:`~deft_lightning.speedups`).
         compile: ``torch.compile`` every encoder and decoder of the task one by one
             (``compile_regions()``), falling back to eager with one warning on failure.
         compile_options: keyword arguments of ``torch.compile`` (``mode``, ``backend``, ...).
