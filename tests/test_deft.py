@@ -148,18 +148,21 @@ def test_stage_two_gradients_steps_and_ema(tmp_path, tiny_data_kwargs):
             assert all(g is None for g in grads[name].values()), name
             assert_equal_states(params_of(after[name], getattr(task, name)), params_of(before[name], getattr(task, name)))
 
-    # Pathway losses computed independently from the components as they were before step 0.
+    # Pathway losses computed independently from the components as they were before step 0
+    # (in the task's memory format, so that the same convolution kernels run).
     batch, before, grads = recorder.batches[0], recorder.before[0], recorder.grads[0]
-    pathway1 = SegmentationNet(**TINY_NET)
+    memory_format = torch.channels_last if task.uses_channels_last else torch.contiguous_format
+    images = batch["image"].contiguous(memory_format=memory_format)
+    pathway1 = SegmentationNet(**TINY_NET).to(memory_format=memory_format)
     pathway1.encoder.load_state_dict(before["adaptive_encoder"])
     pathway1.decoder.load_state_dict(before["retentive_decoder"])
-    torch.nn.functional.cross_entropy(pathway1(batch["image"]), batch["mask"], ignore_index=255).backward()
+    torch.nn.functional.cross_entropy(pathway1(images), batch["mask"], ignore_index=255).backward()
     for key, param in pathway1.encoder.named_parameters():
         torch.testing.assert_close(grads["adaptive_encoder"][key], param.grad, msg=key)
-    pathway2 = SegmentationNet(**TINY_NET)
+    pathway2 = SegmentationNet(**TINY_NET).to(memory_format=memory_format)
     pathway2.encoder.load_state_dict(before["retentive_encoder"])
     pathway2.decoder.load_state_dict(before["adaptive_decoder"])
-    features = [f.detach() for f in pathway2.encoder(pathway2.normalize(batch["image"]))]
+    features = [f.detach() for f in pathway2.encoder(pathway2.normalize(images))]
     torch.nn.functional.cross_entropy(pathway2.decoder(features), batch["mask"], ignore_index=255).backward()
     for key, param in pathway2.decoder.named_parameters():
         torch.testing.assert_close(grads["adaptive_decoder"][key], param.grad, msg=key)
