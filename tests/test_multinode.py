@@ -41,7 +41,8 @@ def fit_on_two_nodes_and_compare_with_one_process(tmp_path, launch):
            f"--trainer.default_root_dir={tmp_path / 'run'}",
            '--trainer.callbacks+={"class_path": "deft_lightning.callbacks.RunSummary", '
            f'"init_args": {{"path": "{summary}"}}}}']
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",  # the console script of this environment first on PATH
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     nodes = launch(fit, env)
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]

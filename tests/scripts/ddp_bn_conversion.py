@@ -15,29 +15,31 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 from lightning.pytorch import Callback, Trainer  # noqa: E402
-from torch.utils.data import DistributedSampler, default_collate  # noqa: E402
+from torch.utils.data import default_collate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import TINY_DATA, TINY_NET  # noqa: E402
 from deft_lightning import DAFT, DGSegDataModule  # noqa: E402
+from deft_lightning.data.resumable import ResumableSampler, SampleKey, SeededSamples  # noqa: E402
 
 # 8 training images: 4 per rank, two batches of 2 each; a full pass (bn_conversion_batches=None).
 DDP_DATA = dict(TINY_DATA, batch_size=2)
 TASK_KWARGS = dict(TINY_NET, bn_conversion_parts=["encoder", "decoder"], head_init="random")
 
 
-def shard_indices(rank: int) -> list[int]:
-    """The training indices Lightning's distributed sampler gives ``rank`` at the conversion:
-    it always shuffles training data under DDP (seed 0, epoch 0 before the first epoch)."""
-    return list(DistributedSampler(range(TINY_DATA["synthetic_train_size"]), num_replicas=2, rank=rank,
-                                   shuffle=True, seed=0))
+def shard_indices(rank: int) -> list[list[int]]:
+    """The training samples ``(index, seed)`` the library's sampler gives ``rank`` at the
+    conversion (epoch 0, the datamodule's ``shuffle`` and ``seed``), as JSON lists."""
+    sampler = ResumableSampler(range(DDP_DATA["synthetic_train_size"]), num_replicas=2, rank=rank,
+                               shuffle=DDP_DATA["shuffle"], seed=0)
+    return [list(key) for key in sampler]
 
 
 def shard_batches(dataset, rank: int) -> list[torch.Tensor]:
     """The image batches ``rank`` converts from."""
-    indices, size = shard_indices(rank), DDP_DATA["batch_size"]
-    return [default_collate([dataset[i] for i in indices[s:s + size]])["image"]
-            for s in range(0, len(indices), size)]
+    keys, size, samples = [SampleKey(*key) for key in shard_indices(rank)], DDP_DATA["batch_size"], SeededSamples(dataset)
+    return [default_collate([samples[key] for key in keys[s:s + size]])["image"]
+            for s in range(0, len(keys), size)]
 
 
 class SaveConvertedBN(Callback):

@@ -34,7 +34,8 @@ def parameter_hash(module: torch.nn.Module) -> str:
 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
-    task = DeFT(**TINY_NET, warmup_steps=1, beta_encoder=0.9, beta_decoder=0.8, weight_decay=1e-3)
+    task = DeFT(**TINY_NET, warmup_steps=1, beta_encoder=0.9, beta_decoder=0.8, weight_decay=1e-3,
+                beta_reference_steps=None)  # β as given: RC and AC must differ after 2 updates
     # Warm-up leaves e1 without gradients, so DDP must be told to expect unused parameters.
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", max_steps=3,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
