@@ -9,7 +9,8 @@ class, weights, data and optimizer:
   one ``on_train_batch_end`` to the next: loading and augmenting the batch, the step, the
   callbacks and the logging.
 - **Bare loop**: a ``for batch in DataLoader`` loop over the same datamodule's
-  ``train_dataloader()``: ``task.training_loss`` + backward + the task's own optimizer and poly
+  ``train_dataloader()``: ``task.training_loss`` on ``task.training_inputs`` (DeFT's LAB-restyled
+  copies included) + backward + the task's own optimizer and poly
   schedule (``configure_optimizers``) + what the method adds to a step (``ema_update`` for EMA
   pairs; FisherTune's gradient masking and restore), no Trainer.
 
@@ -207,7 +208,7 @@ def bare_run(method: str, args: argparse.Namespace) -> tuple[list[float], float]
                 task.on_train_batch_start(batch, step)
             optimizer.zero_grad(set_to_none=True)
             with autocast:
-                loss = task.training_loss(task.input_images(batch["image"]), batch["mask"])
+                loss = task.training_loss(*task.training_inputs(batch))
             loss.backward()
             if isinstance(task, FisherTune):
                 task.on_before_optimizer_step(optimizer)

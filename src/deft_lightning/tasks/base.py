@@ -191,12 +191,16 @@ class SegmentationTask(LightningModule):
         checkpoint["task_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     # ---- training ------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_inputs(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Images and masks a training step trains on: the batch, with its LAB-restyled copy
+        appended when ``style_augmentation`` is on, images in the nets' memory format."""
         images, masks = batch["image"], batch["mask"]
         if self.hparams.style_augmentation:
             images, masks = lab_style_augmentation(images, masks)
-        images = self.input_images(images)
-        loss = self.training_loss(images, masks)
+        return self.input_images(images), masks
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = self.training_loss(*self.training_inputs(batch))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
