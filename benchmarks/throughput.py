@@ -246,15 +246,15 @@ def run(args: argparse.Namespace) -> str:
     setup = NETS[args.net]
     load = os.getloadavg()[0]
     steps: dict[tuple[str, str], list[float]] = {}
-    cuda_memory: dict[tuple[str, str], float] = {}
+    in_run_memory: dict[tuple[str, str], float] = {}  # the GPU's peak; on the CPU a fresh process measures it
     for round_ in range(args.rounds):
         for method in args.methods:
             for kind, runner in RUNNERS.items():
                 times, mib = runner(method, args)
                 steps.setdefault((method, kind), []).extend(times)
-                cuda_memory[(method, kind)] = max(mib, cuda_memory.get((method, kind), 0.0))
+                in_run_memory[(method, kind)] = max(mib, in_run_memory.get((method, kind), 0.0))
     if args.device == "cuda":
-        memory = cuda_memory
+        memory = in_run_memory
     else:
         memory = {(method, kind): peak_memory(method, kind, args) if args.memory else float("nan")
                   for method in args.methods for kind in RUNNERS}
@@ -282,12 +282,11 @@ def run(args: argparse.Namespace) -> str:
                      f"{memory[(method, 'lightning')]:.0f} | {memory[(method, 'bare')]:.0f} |")
     deft, joint = "DeFT (stage 2)", "joint"
     if deft in args.methods and joint in args.methods:
-        task_class, kwargs = METHODS[deft]
+        task_class, kwargs = METHODS[deft]  # does DeFT's step append a LAB-restyled copy of the batch?
         restyled = kwargs.get("style_augmentation", inspect.signature(task_class).parameters["style_augmentation"].default)
-        copies = 2 if restyled else 1  # DeFT's step appends a LAB-restyled copy of the batch
         floor = (f"arithmetic floor from the parts table {FLOORS[args.net]:.2f} for the same images"
-                 + (f", {copies * FLOORS[args.net]:.2f} for DeFT's step on the batch and its LAB-restyled copy "
-                    "(twice the images of the joint step; the restyling itself not counted)." if copies == 2 else ".")
+                 + (f", {2 * FLOORS[args.net]:.2f} for DeFT's step on the batch and its LAB-restyled copy "
+                    "(twice the images of the joint step; the restyling itself not counted)." if restyled else ".")
                  if args.net in FLOORS else "no parts table for this net.")
         lines += ["", f"DeFT / joint step time: **{median[(deft, 'lightning')] / median[(joint, 'lightning')]:.2f}** "
                   f"with Lightning, {median[(deft, 'bare')] / median[(joint, 'bare')]:.2f} in the bare loop; " + floor]

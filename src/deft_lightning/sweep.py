@@ -88,8 +88,9 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     parameters = sweep.get("parameters")
     if not isinstance(parameters, dict) or not parameters:
         raise SweepError(f"{path}: 'parameters' must be a non-empty mapping of parameter name -> spec")
-    sweep["paths"] = leaf_paths(parameters, path)
-    sweep["parameters"] = parameters = {name: leaf(sweep["parameters"], keys) for name, keys in sweep["paths"].items()}
+    leaves = leaf_parameters(parameters, path)
+    sweep["paths"] = {name: keys for name, (keys, _) in leaves.items()}
+    sweep["parameters"] = parameters = {name: spec for name, (_, spec) in leaves.items()}
     for name, spec in parameters.items():
         try:
             kind = distribution(name, spec)
@@ -107,29 +108,25 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     return sweep
 
 
-def leaf_paths(parameters: dict[str, Any], path: Path, prefix: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
+def leaf_parameters(parameters: dict[str, Any], path: Path,
+                    prefix: tuple[str, ...] = ()) -> dict[str, tuple[tuple[str, ...], Any]]:
     """Every parameter spec by its dotted name, with the keys that lead to it through wandb's
-    nested ``parameters`` (``model: {parameters: {init_args: {parameters: {lr: ...}}}}`` gives
-    ``model.init_args.lr`` -> ``("model", "init_args", "lr")``)."""
-    paths: dict[str, tuple[str, ...]] = {}
+    nested ``parameters`` (``model: {parameters: {init_args: {parameters: {lr: S}}}}`` gives
+    ``model.init_args.lr`` -> ``(("model", "init_args", "lr"), S)``)."""
+    leaves: dict[str, tuple[tuple[str, ...], Any]] = {}
     for key, spec in parameters.items():
         keys = (*prefix, str(key))
         if isinstance(spec, dict) and "parameters" in spec:
             if not isinstance(spec["parameters"], dict) or not spec["parameters"]:
                 raise SweepError(f"{path}: nested parameter {'.'.join(keys)!r}: 'parameters' must be a non-empty mapping")
-            found = leaf_paths(spec["parameters"], path, keys)
+            found = leaf_parameters(spec["parameters"], path, keys)
         else:
-            found = {".".join(keys): keys}
+            found = {".".join(keys): (keys, spec)}
         for name in found:
-            if name in paths:
+            if name in leaves:
                 raise SweepError(f"{path}: parameter {name!r} is given twice (once nested, once by its dotted name)")
-        paths.update(found)
-    return paths
-
-
-def leaf(parameters: dict[str, Any], keys: tuple[str, ...]) -> Any:
-    spec = parameters[keys[0]]
-    return spec if len(keys) == 1 else leaf(spec["parameters"], keys[1:])
+        leaves.update(found)
+    return leaves
 
 
 def distribution(name: str, spec: Any) -> str:
