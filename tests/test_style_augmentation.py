@@ -48,3 +48,13 @@ def test_runs_in_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, _ = lab_style_augmentation(images, torch.zeros(2, 8, 8, dtype=torch.long))
     assert out.dtype == torch.float32 and torch.equal(out[:2], images)
+
+
+def test_lab_to_rgb_clamps_fz_at_zero_as_kornia():
+    """kornia's lab_to_rgb clamps f_z = (L + 16)/116 − b/200 at 0: at L = 0, a = 0 every b beyond
+    200 · 16/116 gives the colour of f_z = 0, i.e. Z = −(4/29)/7.787 · Z_n (R the only channel > 0)."""
+    lab = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [127.0, 60.0, 200 * 16 / 116]]).view(1, 3, 1, 3)
+    rgb = lab_to_rgb(lab)[0, :, 0].T
+    red = 1.055 * (0.4985363261688878 * 1.08883 * (4 / 29) / 7.787) ** (1 / 2.4) - 0.055
+    for pixel in rgb:
+        torch.testing.assert_close(pixel, torch.tensor([red, 0.0, 0.0]), atol=1e-5, rtol=0)

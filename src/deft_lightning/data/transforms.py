@@ -105,10 +105,13 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
 
 
 def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
-    """CIE LAB -> sRGB, clipped to [0, 1] (colours outside the sRGB gamut are clipped)."""
+    """CIE LAB -> sRGB, clipped to [0, 1] (colours outside the sRGB gamut are clipped).
+
+    As kornia's ``lab_to_rgb`` (the authors' conversion), ``f_z = f_y − b/200`` is clamped at 0
+    first: a large ``b`` at a low ``L`` (frequent after restyling) would give a negative Z."""
     lightness, a, b = lab.unbind(1)
     fy = (lightness + 16) / 116
-    f = torch.stack([a / 500 + fy, fy, fy - b / 200], dim=1)
+    f = torch.stack([a / 500 + fy, fy, (fy - b / 200).clamp(min=0.0)], dim=1)
     xyz = torch.where(f > 6 / 29, f.pow(3), (f - 4 / 29) / 7.787) * _per_channel(_D65_WHITE, lab)
     linear = _mix_channels(_XYZ_TO_RGB, xyz)
     rgb = torch.where(linear > 0.0031308, 1.055 * linear.clamp(min=0.0031308).pow(1 / 2.4) - 0.055, 12.92 * linear)
