@@ -259,6 +259,13 @@ def test_beta_by_horizon_keeps_the_papers_weight_on_the_start_point():
     assert tiny_deft(warmup_steps=0, beta_encoder=0.999).betas_for(1000) == (0.999, 0.9999)
 
 
+@pytest.mark.parametrize("steps", [0, -80_000])
+def test_beta_reference_steps_must_be_positive(steps):
+    """R = 0 would freeze the RCs (β^0 = 1) and R < 0 make them diverge (β > 1): refused by name."""
+    with pytest.raises(ValueError, match="beta_reference_steps"):
+        tiny_deft(warmup_steps=0, beta_reference_steps=steps)
+
+
 def test_projection_keeps_every_adaptive_tensor_within_the_radius(tmp_path, tiny_data_kwargs):
     radius = 1e-3
     task = tiny_deft(warmup_steps=0, lr=0.5, distance_regularization="projection", projection_radius=radius)

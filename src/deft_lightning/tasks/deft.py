@@ -131,6 +131,8 @@ class DeFT(SegmentationTask):
         for name, beta in (("beta_encoder", beta_encoder), ("beta_decoder", beta_decoder)):
             if not 0.0 <= beta <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {beta}")
+        if beta_reference_steps is not None and beta_reference_steps <= 0:
+            raise ValueError(f"beta_reference_steps must be positive or None, got {beta_reference_steps}")
         if final_model not in FINAL_MODELS:
             raise ValueError(f"final_model must be one of {list(FINAL_MODELS)}, got {final_model!r}")
         if stage2_encoder_bn not in ("split", "pretrained", "warmed"):
