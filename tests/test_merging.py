@@ -279,3 +279,23 @@ def test_command_line_merges_and_fails_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as error:
         main(["merge", "--checkpoints", paths[0], str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x.ckpt")])
     assert "missing.ckpt does not exist" in str(error.value) and not (tmp_path / "x.ckpt").exists()
+
+
+def test_a_safetensors_anchor_merges_in_its_nets_registration_order(tmp_path):
+    """safetensors files keep their tensors sorted by name (``decoder.*`` before ``encoder.*``),
+    not in the net's order: the layer-wise depth comes from ``net``, or the merge is refused."""
+    from safetensors.torch import save_file
+
+    states = [random_net(seed).state_dict() for seed in range(3)]
+    paths = []
+    for seed, state in enumerate(states):
+        save_file({key: value.contiguous() for key, value in state.items()}, tmp_path / f"{seed}.safetensors")
+        paths.append(str(tmp_path / f"{seed}.safetensors"))
+    expected = merge_layerwise(states, anchor=0)
+    out = merge(checkpoints=paths, net=NET, out=str(tmp_path / "merged.ckpt"))
+    merged = torch.load(out, weights_only=True)["state_dict"]
+    assert all(torch.equal(merged[f"net.{key}"], value) for key, value in expected.items())
+    with pytest.raises(MergeError, match=r"0\.safetensors.*registration order.*net"):
+        merge_layerwise(paths)
+    uniform = merge_layerwise(paths, mode="uniform")  # no depth: any order merges alike
+    assert all(torch.equal(uniform[key], value) for key, value in merge_layerwise(states, mode="uniform").items())

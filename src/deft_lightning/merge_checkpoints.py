@@ -68,11 +68,12 @@ def merge(
             checkpoint records (equal steps, e.g. ``last.ckpt`` and its ``step=`` twin, count
             once): the last checkpoints of one run.
         net: ``SegmentationNet`` arguments (``arch``, ``encoder_name``, ``num_classes``,
-            ``arch_kwargs``) when the anchor is a bare state-dict file, which does not record them.
+            ``arch_kwargs``) when the anchor is a bare state-dict file, which does not record them
+            (a ``.safetensors`` anchor's tensors are also put in this net's order for the depths).
     """
     paths = newest_checkpoints(checkpoints, last) if last is not None else list(checkpoints)
     anchor_index = _anchor_index(paths, anchor)
-    state, anchor_state = merge_inputs(paths, anchor_index, power, anchor_max, mode, parts, alpha, pretrained)
+    state, anchor_state = merge_inputs(paths, anchor_index, power, anchor_max, mode, parts, alpha, pretrained, net)
     config = anchor_state.config if net is None else net
     if config is None:
         raise MergeError(f"the anchor {anchor_state.name} is a bare state dict that does not record its net: "

@@ -9,6 +9,8 @@ affine parameters and running statistics share one depth), in the anchor's regis
 order: encoder, then decoder, then segmentation head. Layer ``l`` of ``L`` has depth
 ``t = l / (L − 1)``. The input-normalisation buffers on the net itself (``input_mean``,
 ``input_std``) are no layer: they come from the anchor and must be equal in every input.
+A ``.safetensors`` file keeps its tensors sorted by name, not in registration order: with one
+as the anchor, the layer-wise merge needs the net's arguments (``net``) to order its tensors.
 
 **Weights (our reading; the paper gives no formula).** With ``K`` models and anchor ``a``::
 
@@ -78,6 +80,7 @@ class NetState:
     name: str
     state: dict[str, Tensor]
     config: dict[str, Any] | None = None
+    ordered: bool = True  # keys in the net's registration order (not so in a safetensors file)
 
 
 # ---- the weights ---------------------------------------------------------------------------
@@ -156,6 +159,7 @@ def merge_layerwise(
     parts: Parts = "all",
     alpha: float = 0.5,
     pretrained: str | None = None,
+    net: Mapping[str, Any] | None = None,
 ) -> dict[str, Tensor]:
     """Merge ``SegmentationNet`` weights; returns the merged state dict (anchor's key order).
 
@@ -172,8 +176,10 @@ def merge_layerwise(
         alpha: WiSE-FT's weight of the finetuned encoder.
         pretrained: WiSE-FT's pretrained encoder weights (``"imagenet-offline"`` or a local
             file, as ``encoder_weights``); default: the finetuned run's own ``encoder_weights``.
+        net: the anchor's ``SegmentationNet`` arguments; its tensors are taken in the order of
+            that net (needed for a layer-wise merge with a ``.safetensors`` anchor).
     """
-    return merge_inputs(inputs, anchor, power, anchor_max, mode, parts, alpha, pretrained)[0]
+    return merge_inputs(inputs, anchor, power, anchor_max, mode, parts, alpha, pretrained, net)[0]
 
 
 def merge_inputs(
@@ -185,11 +191,17 @@ def merge_inputs(
     parts: Parts = "all",
     alpha: float = 0.5,
     pretrained: str | None = None,
+    net: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Tensor], NetState]:
     """:func:`merge_layerwise`, also returning the anchor (its tensors dropped: name, config)."""
     num_models = len(inputs)
     _check_arguments(num_models, anchor, power, anchor_max, mode, parts, alpha)
     anchor_state = load_net_state(inputs[anchor], f"input {anchor}")
+    if net is not None:
+        anchor_state.state = _in_registration_order(anchor_state, net)
+    elif not anchor_state.ordered and mode == "layerwise":
+        raise MergeError(f"the anchor {anchor_state.name} is a safetensors file, which does not keep the net's "
+                         f"registration order that layer-wise depth needs: pass the net's arguments (net=, --net)")
     keys = list(anchor_state.state)
     whole_net = mode != "wise" and parts == "all"
     merged_keys = [key for key in keys if layer_of(key) and _is_merged(anchor_state.state[key])
@@ -223,6 +235,23 @@ def merge_inputs(
     merged = {key: reference.integers[key] if key in reference.integers
               else accumulator.values[key].to(reference.dtypes[key]) for key in keys}
     return merged, anchor_state
+
+
+def _reference_state(config: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The state dict (meta tensors, registration order) of the ``SegmentationNet`` ``config`` builds."""
+    with torch.device("meta"):
+        return SegmentationNet(**{**config, "encoder_weights": None}).state_dict()
+
+
+def _in_registration_order(loaded: NetState, config: Mapping[str, Any]) -> dict[str, Tensor]:
+    """``loaded``'s tensors in the order of the net ``config`` builds; its keys must be that net's."""
+    reference = _reference_state(config)
+    problem = next((key for key in [*reference, *loaded.state] if (key in reference) != (key in loaded.state)), None)
+    if problem is not None:
+        where = "missing in the anchor" if problem in reference else "not in that net"
+        raise MergeError(f"the anchor {loaded.name} does not fit the net arguments {dict(config)}: "
+                         f"first differing key {problem!r} ({where})")
+    return {key: loaded.state[key] for key in reference}
 
 
 def _check_arguments(num_models: int, anchor: int, power: float, anchor_max: float, mode: str,
@@ -338,7 +367,7 @@ def load_net_state(source: Source, name: str | None = None) -> NetState:
 
 def _state_file(path: Path) -> NetState:
     if path.suffix == ".safetensors":
-        return NetState(str(path), load_safetensors(path, device="cpu"))
+        return NetState(str(path), load_safetensors(path, device="cpu"), ordered=False)
     content = load_checkpoint(path, mmap=True)
     if "task_class" in content:
         return _task_checkpoint(path, content)
@@ -371,8 +400,7 @@ def _exported_folder(path: Path) -> NetState:
     smp_config.pop("encoder_weights", None)
     config = {"arch": smp_config.pop("_model_class"), "encoder_name": smp_config.pop("encoder_name"),
               "encoder_weights": None, "num_classes": smp_config.pop("classes"), "arch_kwargs": smp_config}
-    with torch.device("meta"):
-        reference = SegmentationNet(**config).state_dict()
+    reference = _reference_state(config)
     smp_state = load_safetensors(weights_file, device="cpu")
     state: dict[str, Tensor] = {}
     for smp_key, value in smp_state.items():
