@@ -242,3 +242,11 @@ def test_a_vit_encoder_loads_from_a_local_timm_weights_file(tmp_path):
     encoder = dict(task.net.encoder.named_parameters())
     for name, value in vit.named_parameters():
         assert torch.equal(encoder[f"model.{name}"], value), name
+
+
+def test_true_fisher_labels_with_the_variational_estimator_are_refused():
+    """The variational estimate minimises the loss on the batch's labels: ``fisher_labels='true'``
+    would be ignored there, so it is an error naming both parameters."""
+    with pytest.raises(ValueError, match="fisher_labels.*estimator"):
+        FisherTune(**TINY_NET, estimator="variational", fisher_labels="true")
+    assert FisherTune(**TINY_NET, estimator="direct", fisher_labels="true").hparams.fisher_labels == "true"

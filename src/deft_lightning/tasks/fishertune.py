@@ -94,7 +94,8 @@ class FisherTune(JointFinetune):
     Args:
         score: ``"random"``, ``"fisher"``, ``"delta_fisher"`` or ``"dr_fim"``.
         estimator: ``"direct"`` or ``"variational"``.
-        fisher_labels: ``"empirical"`` (the labels) or ``"true"`` (drawn from the model).
+        fisher_labels: ``"empirical"`` (the labels) or ``"true"`` (drawn from the model;
+            direct estimator only).
         fisher_mode: ``"per_sample"`` or ``"micro_batch"`` (with ``micro_batch_size``).
         chunk_size: images per ``vmap`` chunk of the per-sample estimator (memory bound).
         fraction: fraction of encoder entries to finetune (paper: 15.21M of 304M, about 5 %).
@@ -139,6 +140,9 @@ class FisherTune(JointFinetune):
             raise ValueError(f"score must be one of {list(SCORES)}, got {score!r}")
         if estimator not in ("direct", "variational"):
             raise ValueError(f"estimator must be 'direct' or 'variational', got {estimator!r}")
+        if estimator == "variational" and fisher_labels != "empirical":
+            raise ValueError(f"fisher_labels={fisher_labels!r} needs estimator='direct': the variational estimate "
+                             "minimises the loss on the batch's labels")
         if selection not in ("global", "per_layer"):
             raise ValueError(f"selection must be 'global' or 'per_layer', got {selection!r}")
         for name, value in (("fraction", fraction), ("final_fraction", final_fraction)):
