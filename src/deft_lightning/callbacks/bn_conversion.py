@@ -207,10 +207,11 @@ class BNConversion(Callback):
     ``inference_net()`` in eval mode, with the trainer's precision (input conversion and
     autocast). The layers converted are the BN layers of the task's
     ``bn_conversion_modules()`` when it has that hook, else of the whole
-    ``inference_net()``. The global CPU RNG is saved and restored around the pass, so the
-    training sampler's shuffle (and fresh workers' seeds) are the same as without conversion;
-    an augmentation generator that lives on across passes (in the main process with
-    ``num_workers=0``, or in persistent workers) does advance.
+    ``inference_net()``. The global CPU RNG is saved and restored around the pass. With the
+    library's datamodule the training batches are the same as without conversion (order and
+    every sample's draws are seeded from ``(seed, epoch, index)``,
+    :mod:`~deft_lightning.data.resumable`); another loader whose augmentation generator lives
+    on across passes (or whose ``generator`` seeds its workers) does advance.
 
     The callback checkpoints ``converted``: a run resumed after the conversion does not
     convert again (its weights are already converted in the checkpoint).
