@@ -4,6 +4,8 @@ import copy
 import json
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -105,6 +107,53 @@ def test_statistics_come_from_each_layer_input_under_eval_propagation(shape):
     train_mean, _ = expected_statistics(train_inputs)
     assert not torch.allclose(net[1].running_mean, train_mean, atol=1e-3)
     assert net.training and net[0].training and net[1].training  # train mode restored
+
+
+def thread_sum(ranks: int):
+    """A ``reduce`` per simulated rank (one thread each): the sum of all ranks' tensors."""
+    barrier, slots = threading.Barrier(ranks, timeout=60), [None] * ranks
+
+    def for_rank(rank):
+        def reduce(tensor):
+            slots[rank] = tensor.clone()
+            barrier.wait()
+            total = sum(slots[1:], slots[0].clone())
+            barrier.wait()
+            return total
+        return reduce
+    return for_rank
+
+
+def test_sync_batchnorm_takes_the_moments_of_the_global_batch():
+    """Two ranks, one image per batch each. A SyncBatchNorm layer normalises over the global
+    batch in training (both ranks' b-th images), so its Σ_t is the mean over b of the unbiased
+    variance of that union, m counted over it (the pooled layer: m = 1 per rank, 2 globally);
+    a plain BN layer's batch is each rank's own."""
+    generator = torch.Generator().manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.SyncBatchNorm(4),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.SyncBatchNorm(4)).double()
+    randomise_bn(net, generator)
+    shards = [[torch.randn(1, 3, 5, 6, generator=generator, dtype=torch.float64) * (1 + b) + r for b in range(3)]
+              for r in range(2)]
+    inputs = [bn_inputs(copy.deepcopy(net), shard) for shard in shards]
+    layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    expected = {}
+    for index, layer in enumerate(layers):
+        per_rank = [list(inputs[r].values())[index] for r in range(2)]  # [rank][batch]
+        if isinstance(layer, nn.SyncBatchNorm):
+            expected[index] = expected_statistics([torch.cat(pair) for pair in zip(*per_rank)])
+        else:
+            expected[index] = expected_statistics(per_rank[0] + per_rank[1])
+    copies, reduce = [copy.deepcopy(net) for _ in range(2)], thread_sum(2)
+    with ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(convert_bn, copies[r], [copies[r]], shards[r], reduce(r)) for r in range(2)]:
+            done.result()
+
+    for converted in copies:
+        bns = [m for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for index, layer in enumerate(bns):
+            torch.testing.assert_close(layer.running_mean, expected[index][0], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(layer.running_var, expected[index][1], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("shape", [(4, 3), (2, 3, 50), (2, 3, 20, 30), (2, 3, 4, 5, 6)])

@@ -109,6 +109,28 @@ def test_daft_converts_then_trains_with_bn_in_train_mode(tmp_path, tiny_data_kwa
     assert DAFT(**TINY_NET, bn_conversion=False).configure_callbacks() == []
 
 
+class RecordImages(Callback):
+    def __init__(self):
+        self.images = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.images.append(batch["image"].clone())
+
+
+def test_conversion_pass_leaves_the_training_batches_unchanged(tmp_path, tiny_data_kwargs):
+    """The calibration pass over the train loader (augmentation and shuffle on, into a second
+    epoch) must not shift what training sees: same batches as a run without conversion."""
+    data = dict(tiny_data_kwargs, augment=True, shuffle=True)
+    runs = []
+    for conversion in (False, True):
+        torch.manual_seed(0)
+        images = RecordImages()
+        fit(DAFT(**TINY_NET, bn_conversion=conversion, bn_conversion_batches=1), data,
+            tmp_path / str(conversion), 3, [images])
+        runs.append(images.images)
+    assert len(runs[1]) == 3 and all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_invalid_switches_fail_early():
     with pytest.raises(ValueError, match="bn_conversion_parts"):
         DAFT(**TINY_NET, bn_conversion_parts=["head"])

@@ -21,9 +21,12 @@ for 3d). With equal batches (the train loader drops the last one) ``Σ_t`` is th
 at least, see :func:`channel_moments`) and summed in float64; the conversion itself is done in
 float64.
 
-Under DDP each rank runs its own shard of the training data; the per-layer sums and batch
-counts are all-reduced before the conversion, so every rank converts with the same ``(M_t,
-Σ_t)``: the mean over the union of all ranks' batches.
+Under DDP each rank runs its own shard of the training data and every rank converts with the
+same ``(M_t, Σ_t)``. A batch is what the layer normalises over in training: for a plain BN layer
+each rank's own batch (per-layer sums and batch counts all-reduced once, after the pass: the
+mean over the union of all ranks' batches); for a ``SyncBatchNorm`` layer (``sync_batchnorm:
+true``) the global batch, the ranks' ``b``-th batches together (moments all-reduced after every
+forward, ``m_b`` counted over all ranks), as PyTorch's SyncBatchNorm counts it.
 """
 
 from __future__ import annotations
@@ -86,24 +89,52 @@ def target_statistics(net: nn.Module, layers: dict[str, _BatchNorm], batches: It
     """``(M_t, Σ_t)`` in float64 for every layer, from one eval-mode forward of ``net`` per batch.
 
     ``batches`` are whatever ``net`` takes. ``reduce`` sums a float64 tensor across processes
-    (DDP); the per-layer sums and batch counts go through it in one call.
+    (DDP). A layer's batch is the one it normalises over in training: this process's batch for
+    a plain BN layer (its per-layer sums and batch counts are reduced once, after the pass), the
+    global batch for a ``SyncBatchNorm`` layer (its moments are combined across processes after
+    every forward, so every process must run the same number of batches).
     """
     sums = {name: [torch.zeros(layer.num_features, dtype=torch.float64, device=layer.running_mean.device)
                    for _ in range(2)] for name, layer in layers.items()}
     counts = dict.fromkeys(layers, 0)
+    synced = {name for name, layer in layers.items() if isinstance(layer, nn.SyncBatchNorm)}
+    pending: list[tuple[str, int, Tensor, Tensor]] = []  # this forward's moments of the synced layers
+
+    def add(name: str, m: int, mean: Tensor, variance: Tensor) -> None:
+        if m < 2:
+            raise ValueError(f"BN conversion of {name}: one element per channel in a batch; "
+                             f"the unbiased variance needs m >= 2")
+        sums[name][0] += mean
+        sums[name][1] += variance * (m / (m - 1))
+        counts[name] += 1
 
     def record(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
         def hook(layer: nn.Module, inputs: tuple[Tensor, ...]) -> None:
             z = inputs[0]
-            m = z.numel() // z.shape[1]
-            if m < 2:
-                raise ValueError(f"BN conversion of {name}: one element per channel in a batch; "
-                                 f"the unbiased variance needs m >= 2")
-            mean, variance = channel_moments(z)
-            sums[name][0] += mean
-            sums[name][1] += variance * (m / (m - 1))
-            counts[name] += 1
+            moments = (name, z.numel() // z.shape[1], *channel_moments(z))
+            if name in synced:
+                pending.append(moments)
+            else:
+                add(*moments)
         return hook
+
+    def add_global_batch() -> None:
+        # Sums about the source mean c (the same on every process, close to the data's mean):
+        # S1 = Σ (z − c) = m (μ − c), S2 = Σ (z − c)² = m (σ² + (μ − c)²), and m, over processes.
+        shifts = [mean - layers[name].running_mean.double() for name, _, mean, _ in pending]
+        flat = torch.cat([part for (_, m, _, variance), shift in zip(pending, shifts)
+                          for part in (m * shift, m * (variance + shift.square()))]
+                         + [shifts[0].new_tensor([float(m) for _, m, _, _ in pending])])
+        if reduce is not None:
+            flat = reduce(flat)
+        offset, sizes = 0, flat[-len(pending):].tolist()
+        for (name, _, _, _), m in zip(pending, sizes):
+            size = layers[name].num_features
+            shift = flat[offset:offset + size] / m
+            variance = (flat[offset + size:offset + 2 * size] / m - shift.square()).clamp_min(0)
+            add(name, int(m), shift + layers[name].running_mean.double(), variance)
+            offset += 2 * size
+        pending.clear()
 
     modes = {module: module.training for module in net.modules()}
     handles = [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()]
@@ -111,31 +142,31 @@ def target_statistics(net: nn.Module, layers: dict[str, _BatchNorm], batches: It
     try:
         for batch in batches:
             net(batch)
+            if pending:
+                add_global_batch()
     finally:
         for handle in handles:
             handle.remove()
         for module, training in modes.items():
             module.training = training
 
-    names = list(layers)
-    flat = torch.cat([torch.cat(sums[name]) for name in names]
-                     + [torch.tensor([float(counts[name]) for name in names], dtype=torch.float64,
-                                     device=sums[names[0]][0].device)])
-    if reduce is not None:
-        flat = reduce(flat)
-    totals = flat[-len(names):]
-    unseen = [name for name, total in zip(names, totals.tolist()) if total == 0]
+    names = [name for name in layers if name not in synced]
+    if names:
+        flat = torch.cat([torch.cat(sums[name]) for name in names]
+                         + [torch.tensor([float(counts[name]) for name in names], dtype=torch.float64,
+                                         device=sums[names[0]][0].device)])
+        if reduce is not None:
+            flat = reduce(flat)
+        offset = 0
+        for name, count in zip(names, flat[-len(names):].tolist()):
+            size = layers[name].num_features
+            sums[name], counts[name] = [flat[offset:offset + size], flat[offset + size:offset + 2 * size]], count
+            offset += 2 * size
+    unseen = [name for name in layers if counts[name] == 0]
     if unseen:
         raise RuntimeError(f"BN conversion: {len(unseen)} BN layer(s) received no input during the "
                            f"calibration forwards (not on the forward path, or no batches): {unseen[:5]}")
-    statistics: dict[str, tuple[Tensor, Tensor]] = {}
-    offset = 0
-    for name, total in zip(names, totals):
-        size = layers[name].num_features
-        mean_sum, variance_sum = flat[offset:offset + size], flat[offset + size:offset + 2 * size]
-        statistics[name] = (mean_sum / total, variance_sum / total)
-        offset += 2 * size
-    return statistics
+    return {name: (sums[name][0] / counts[name], sums[name][1] / counts[name]) for name in layers}
 
 
 @torch.no_grad()
@@ -176,10 +207,11 @@ class BNConversion(Callback):
     ``inference_net()`` in eval mode, with the trainer's precision (input conversion and
     autocast). The layers converted are the BN layers of the task's
     ``bn_conversion_modules()`` when it has that hook, else of the whole
-    ``inference_net()``. The global CPU RNG is saved and restored around the pass, so the
-    training sampler's shuffle (and fresh workers' seeds) are the same as without conversion;
-    an augmentation generator that lives on across passes (in the main process with
-    ``num_workers=0``, or in persistent workers) does advance.
+    ``inference_net()``. The global CPU RNG is saved and restored around the pass. With the
+    library's datamodule the training batches are the same as without conversion (order and
+    every sample's draws are seeded from ``(seed, epoch, index)``,
+    :mod:`~deft_lightning.data.resumable`); another loader whose augmentation generator lives
+    on across passes (or whose ``generator`` seeds its workers) does advance.
 
     The callback checkpoints ``converted``: a run resumed after the conversion does not
     convert again (its weights are already converted in the checkpoint).
