@@ -98,6 +98,16 @@ def test_lp_leaves_the_encoder_untouched_and_lpft_finetunes_it_with_bn_in_eval(t
     encoder_lp, encoder_ft = dict(lp.net.encoder.named_parameters()), dict(lpft.net.encoder.named_parameters())
     assert any(not torch.equal(encoder_ft[k], v) for k, v in encoder_lp.items())  # the encoder trains
 
+    # Resuming LP-FT needs its own checkpoint only, not the LP checkpoint it started from.
+    lpft_checkpoint = tmp_path / "lpft.ckpt"
+    lpft.trainer.save_checkpoint(lpft_checkpoint)
+    checkpoint.unlink()
+    resumed = DAFT(**TINY_NET, init_checkpoint=str(checkpoint), bn_mode="eval", head_init="random",
+                   bn_conversion=False, lr=1e-3, decoder_lr=1e-3)
+    trainer = Trainer(**trainer_kwargs(tmp_path / "resumed", max_steps=3))
+    trainer.fit(resumed, DGSegDataModule(**tiny_data_kwargs), ckpt_path=lpft_checkpoint)
+    assert trainer.global_step == 3
+
 
 def test_daft_converts_then_trains_with_bn_in_train_mode(tmp_path, tiny_data_kwargs):
     task = DAFT(**TINY_NET, bn_conversion_batches=1)

@@ -111,7 +111,9 @@ class DAFT(SegmentationTask):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         path = self.hparams.init_checkpoint
-        if stage == "fit" and path and not self._init_checkpoint_loaded:
+        resuming = self._trainer is not None and self._trainer.ckpt_path is not None
+        # A resumed run's checkpoint holds the weights: the init checkpoint may be gone by then.
+        if stage == "fit" and path and not self._init_checkpoint_loaded and not resuming:
             state = load_checkpoint(path)["state_dict"]
             net_state = {key[len("net."):]: value for key, value in state.items() if key.startswith("net.")}
             self.net.load_state_dict(net_state)
