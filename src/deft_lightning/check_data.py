@@ -93,6 +93,8 @@ def check_data(datamodule: DGSegDataModule) -> tuple[list[str], dict[str, int], 
             problems.append(f"{label}: {str(error).splitlines()[0]}")
             continue
         problems += [f"{image}: no label (expected {expected})" for image, expected in missing]
+        if not spec.domain and getattr(dataset, "domain", spec.name) != spec.name:  # e.g. one ACDC condition
+            label += f" ({dataset.domain})"
         problems += [f"{label}: {warning.message}" for warning in caught if issubclass(warning.category, UserWarning)]
         if not isinstance(dataset, SegmentationDataset):  # synthetic: drawn, not read
             counts[label] = len(dataset)
