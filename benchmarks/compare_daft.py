@@ -171,7 +171,7 @@ standard deviations above is not meaningful. LP-FT's fit time is its FT stage on
 These numbers say the methods run end to end from their
 configs and how they compare in this small setting, not how they compare on real
 benchmarks (the paper's segmentation results are in-distribution Cityscapes/VOC numbers,
-METHODS.md section 3).
+docs/methods.md section 3).
 """
 
 

@@ -1,4 +1,4 @@
-"""FisherTune's parameter scores (Zhao et al., CVPR 2025; METHODS.md §4): pure functions, no Lightning.
+"""FisherTune's parameter scores (Zhao et al., CVPR 2025; docs/methods.md §4): pure functions, no Lightning.
 
 **Diagonal Fisher** over source batches, with every BatchNorm in eval mode (running statistics,
 so one image's gradient does not depend on the others)::
@@ -48,7 +48,7 @@ formula as written::
     DR-FIM = γ (Λ_x − τ⁻² + exp(−(ε_μ + ε_σ)) |Λ_x − Λ_x'| / (min(Λ_x, Λ_x') + ε/γ))
 
 Substituting ``Λ = F/γ + τ⁻²`` its first term is ``F`` but its second is
-``γ |F − F'| / (min(F, F') + γ τ⁻² + ε)``: the slides keep τ⁻² inside the ``min`` (METHODS.md).
+``γ |F − F'| / (min(F, F') + γ τ⁻² + ε)``: the slides keep τ⁻² inside the ``min`` (docs/methods.md).
 
 Every estimator takes ``reduce``, applied to every accumulated sum (images, counts, feature
 moments, the variational gradient): under DDP pass an all-reduce (sum) so every rank ends with

@@ -1,4 +1,4 @@
-"""Class-uniform sampling, RobustNet's recipe (METHODS.md §1): a fraction of the training crops
+"""Class-uniform sampling, RobustNet's recipe (docs/methods.md §1): a fraction of the training crops
 is centred on a pixel of a uniformly drawn class, so rare classes (poles, lights, signs) are
 seen far more often than their pixel share.
 

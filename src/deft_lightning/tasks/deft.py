@@ -1,6 +1,6 @@
 """DeFT: Decoupled Finetuning for domain-generalizable segmentation (Pahk et al., ICLR 2025).
 
-Four components (METHODS.md §2): the adaptive encoder ``e1`` and adaptive decoder ``d2``
+Four components (docs/methods.md §2): the adaptive encoder ``e1`` and adaptive decoder ``d2``
 (ACs, stepped by the optimizer) and the retentive decoder ``d~1`` and retentive encoder
 ``e~2`` (RCs, ``requires_grad=False`` from construction, moved only by an EMA of the
 *opposite* pathway's AC).

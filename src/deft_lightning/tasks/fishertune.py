@@ -1,5 +1,5 @@
 """FisherTune: finetune only the encoder entries that matter for the task and for domain shift
-(Zhao et al., CVPR 2025; METHODS.md §4; scores in :mod:`deft_lightning.fisher`).
+(Zhao et al., CVPR 2025; docs/methods.md §4; scores in :mod:`deft_lightning.fisher`).
 
 **Scores** (``score``), computed once on ``estimation_batches`` source batches before the first
 encoder step (after the decoder warm-up when there is one, so the Fisher sees a trained

@@ -1,7 +1,7 @@
 """Joint finetuning: the baseline, with the two switches the DeFT ablation needs.
 
 Pretrained encoder + randomly initialised decoder trained together with one CE loss on the
-source domain (METHODS.md §1). Switches:
+source domain (docs/methods.md §1). Switches:
 
 - ``ema_beta``: keep an EMA copy of the whole net, ``θ_ema ← β θ_ema + (1 − β) θ`` after
   every optimizer step (float buffers averaged too), and evaluate/predict/export with it
