@@ -97,3 +97,19 @@ def test_an_output_of_the_wrong_kind_is_refused_before_any_work(verb, make_out, 
     assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert "never_read" not in result.stderr  # the output was checked before the input was read
     assert out.is_file() == (verb == "export") and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_daft_init_checkpoint_of_another_net_is_named(tmp_path):
+    """DAFT step 2 from the wrong run's checkpoint: both nets named, not load_state_dict's traceback."""
+    import torch
+
+    other = tmp_path / "step1_resnet18.ckpt"
+    torch.save({"state_dict": {"net.encoder.conv1.weight": torch.zeros(1)}, "pytorch-lightning_version": "2",
+                "hyper_parameters": {"arch": "Unet", "encoder_name": "resnet18", "num_classes": 19}}, other)
+    result = deft_lightning("fit", "--config", str(ROOT / "configs/daft.yaml"), "--trainer.max_steps=1",
+                            "--model.init_args.encoder_weights=null", "--data.init_args.synthetic_image_size=[32,64]",
+                            "--trainer.enable_progress_bar=false", f"--model.init_args.init_checkpoint={other}", cwd=tmp_path)
+    errors = _error_lines(result)
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+    assert f"init_checkpoint {other} holds a Unet/resnet18/19 net" in errors[0]
+    assert "this run builds Unet/mobilenet_v2/19" in errors[0] and "Traceback" not in result.stderr
