@@ -242,6 +242,10 @@ def test_missing_dataset_folder_is_named(tmp_path: Path, name: str):
     with pytest.raises(FileNotFoundError, match="folder not found") as error:
         build_dataset(name, str(missing), "val")
     assert str(missing) in str(error.value)
+    a_file = tmp_path / "photo.png"  # a root that is one image, as given to predict_root
+    a_file.write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=f"expected a folder, found a file: {a_file}"):
+        build_dataset(name, str(a_file), "val" if name != "folder" else "")
 
 
 def test_missing_split_folder_and_empty_listing_name_the_folder(cityscapes_root: Path):

@@ -12,8 +12,9 @@ from deft_lightning.report import main, mean_std, report
 from deft_lightning.results import write_test_results
 
 
-def fake_run(folder, lr, seed, accuracy):
-    """A finished run: config.yaml and test results whose confusion matrices give known IoUs."""
+def fake_run(folder, lr, seed, accuracy, results="lightning_logs/version_1"):
+    """A finished run: config.yaml and test results (in ``folder/results``) whose confusion
+    matrices give known IoUs."""
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump({
         "seed_everything": seed, "trainer": {"default_root_dir": str(folder), "max_steps": 10},
@@ -24,7 +25,7 @@ def fake_run(folder, lr, seed, accuracy):
         confusion = torch.zeros(19, 19, dtype=torch.long)
         confusion[0, 0], confusion[0, 1], confusion[1, 1] = correct, 100 - correct, 100
         confusions[domain] = confusion
-    write_test_results(folder / "lightning_logs/version_1", confusions, "clear")
+    write_test_results(folder / results, confusions, "clear")
 
 
 def miou(accuracy, scale):  # classes 0 and 1 of fake_run's confusion matrix
@@ -58,3 +59,23 @@ def test_a_folder_without_runs_is_one_clear_error(tmp_path):
         main([str(tmp_path / "empty")])
     with pytest.raises(SystemExit, match="does not exist"):
         main([str(tmp_path / "missing")])
+
+
+def test_a_folder_of_run_folders_is_one_row_per_run_with_aligned_cells(tmp_path):
+    """runs/<name>/version_<N>/test/test_results.json: each run folder its own row (they used to
+    be one run showing only the newest results), named by its path when the configs differ only
+    in a list (nothing swept), each cell under its header (the row had one cell too many)."""
+    for name, accuracy in (("city", 0.9), ("gta", 0.5)):
+        folder = tmp_path / "runs" / name / "version_0"
+        fake_run(folder, 0.01, 0, accuracy, results="test")
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        (folder / "config.yaml").write_text(yaml.safe_dump({**config, "data": {"targets": [name]}}))
+    result = report(run_dirs=[str(tmp_path / "runs")], out=str(tmp_path / "report"))
+    header, _, *rows = result.table.splitlines()
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    cells = {row.strip("|").split("|")[0].strip(): [cell.strip() for cell in row.strip("|").split("|")] for row in rows}
+    assert sorted(cells) == ["city/version_0", "gta/version_0"]
+    for name, accuracy in (("city", 0.9), ("gta", 0.5)):
+        assert len(cells[f"{name}/version_0"]) == len(columns)
+        row = dict(zip(columns, cells[f"{name}/version_0"]))
+        assert row["stage"] == "test" and row["clear (source)"] == f"{miou(accuracy, 1.0):.1f}"

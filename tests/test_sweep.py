@@ -108,6 +108,10 @@ def test_random_sweep_is_seeded_and_within_its_distributions(tmp_path):
     ({"parameters": {"lr": {"distribution": "uniform", "min": 0.1, "max": 0.01}}}, "min 0.1 is not less than max"),
     ({"parameters": {"lr": {"distribution": "cauchy"}}}, "unknown distribution 'cauchy'"),
     ({"method": "grid", "parameters": {"lr": {"min": 0.1, "max": 1.0}}}, "a grid takes only"),
+    ({"parameters": {"lr": {"values": 0.1}}}, "'values' must be a list, got 0.1"),  # was a TypeError traceback
+    # PyYAML reads 1e-4 as text; '1e-4' < '1e-2' is False, so it was "min 1e-4 is not less than max 1e-2".
+    ({"parameters": {"lr": {"distribution": "log_uniform_values", "min": "1e-4", "max": "1e-2"}}},
+     "min '1e-4' is text, not a number"),
 ])
 def test_sweep_file_errors_name_the_problem(tmp_path, change, message, capsys):
     path = tmp_path / "bad.yaml"
@@ -115,6 +119,13 @@ def test_sweep_file_errors_name_the_problem(tmp_path, change, message, capsys):
     with pytest.raises(SystemExit, match=message) as error:
         main([str(path), "--count", "2", "--dry_run", "true"])
     assert str(path) in str(error.value)
+
+
+def test_a_sweep_file_that_is_not_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("method: grid\nparameters:\n  lr:\n    values: [0.1, 0.2\n")
+    with pytest.raises(SystemExit, match=f"{path}: not valid YAML at line 5, column 1"):
+        main([str(path), "--dry_run", "true"])
 
 
 @pytest.fixture(scope="module")

@@ -89,8 +89,13 @@ def checkpoint_model_args(checkpoint: dict[str, Any], ckpt_path: str | Path, con
 
     ``config_model``: the parsed ``model`` entry (``class_path``, ``init_args``); ``explicit``:
     the init args given on the command line or in ``--config`` files. Raises
-    :class:`CheckpointError` if the checkpoint was written by another task class.
+    :class:`CheckpointError` if it is not a Lightning checkpoint or was written by another task class.
     """
+    if "state_dict" not in checkpoint or "pytorch-lightning_version" not in checkpoint:
+        raise CheckpointError(f"{ckpt_path} is not a Lightning checkpoint (it has no 'state_dict' and "
+                              f"'pytorch-lightning_version'): --ckpt_path takes a checkpoint of `deft-lightning fit` "
+                              f"or `merge`; a bare net state dict becomes one with `deft-lightning merge "
+                              f"--checkpoints FILE --net '{{arch: ..., encoder_name: ...}}' --out FILE.ckpt`")
     hparams = {k: v for k, v in _as_dict(checkpoint.get("hyper_parameters")).items() if k != "_instantiator"}
     config_class = _import_class(config_model.class_path)
     written_by = hparams.pop("_class_path", None) or checkpoint.get("task_class")

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
@@ -73,6 +73,39 @@ def _class_config(class_path: str, **init_args: Any) -> Namespace:
 
 def _is(entry: Any, class_name: str) -> bool:
     return isinstance(entry, Namespace) and str(entry.get("class_path", "")).rsplit(".", 1)[-1] == class_name
+
+
+def _parse_error_reason(message: str) -> str:
+    """jsonargparse's message for a class inside a config that did not validate ("Does not
+    validate against any of the Union subtypes", then one bullet per subtype), reduced to one
+    line: the key and the class's own reason (``Parser key "model": Problem with given
+    class_path 'deft_lightning.JointFinetune': Option 'lrr' is not accepted``)."""
+    lines = message.splitlines()
+    errors = next((i for i, line in enumerate(lines) if line.strip() == "Errors:"), None)
+    if "Union subtypes" not in message or errors is None:
+        return message
+    depth = len(lines[errors]) - len(lines[errors].lstrip())
+    bullets: list[list[str]] = []
+    for line in lines[errors + 1:]:
+        if len(line) - len(line.lstrip()) <= depth:
+            break
+        if line.strip().startswith("- "):
+            bullets.append([line.strip()[2:]])
+        elif bullets:
+            bullets[-1].append(line.strip())
+    reasons = [" ".join(bullet) for bullet in bullets if "Expected a <class 'NoneType'>" not in bullet[0]]
+    return f"{lines[0].strip()} {reasons[0]}" if reasons else message
+
+
+class DeftArgumentParser(LightningArgumentParser):
+    """Parse errors as ``error: <one line>`` and the ``--help`` tip, without the usage listing
+    of every option (60 lines for ``fit``) above them."""
+
+    def print_usage(self, file=None) -> None:
+        pass
+
+    def error(self, message: str, ex: Exception | None = None):
+        super().error(_parse_error_reason(message), ex)
 
 
 class DeftLightningCLI(LightningCLI):
@@ -240,6 +273,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> LightningC
         DGSegDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        parser_class=DeftArgumentParser,
         save_config_kwargs={"overwrite": True},
         # Appended to the config's callbacks; acts only with a wandb or TensorBoard logger.
         trainer_defaults={"callbacks": [LogPredictions()]},

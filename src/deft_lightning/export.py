@@ -58,6 +58,14 @@ def export(*, ckpt_path: str, out: str) -> Path:
         ckpt_path: a checkpoint written by any deft-lightning task.
         out: output folder (created, or replaced as a whole once the new one is complete).
     """
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--out {out_dir} is a file; an export is a folder: choose a new or an export folder")
+    if out_dir.exists():
+        others = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES)
+        if others:
+            raise FileExistsError(f"--out {out_dir} exists and is not an export folder (it holds {others[:5]}); "
+                                  f"an export replaces the whole folder: choose a new or an export folder")
     net = load_task(ckpt_path).inference_net()
     model = net.to_smp()
     preprocessing = {"input_range": [0, 1], "mean": net.input_mean.flatten().tolist(),
@@ -70,12 +78,6 @@ def export(*, ckpt_path: str, out: str) -> Path:
         model.save_pretrained(folder)
         (folder / "preprocessing.json").write_text(json.dumps(preprocessing, indent=2) + "\n")
 
-    out_dir = Path(out)
-    if out_dir.exists():
-        others = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES) if out_dir.is_dir() else [""]
-        if others:
-            raise FileExistsError(f"--out {out_dir} exists and is not an export folder (it holds {others[:5]}); "
-                                  f"an export replaces the whole folder: choose a new or an export folder")
     atomic_write_folder(out_dir, fill)
     print(f"exported {type(net).__name__} from {ckpt_path} to {out_dir}")
     return out_dir

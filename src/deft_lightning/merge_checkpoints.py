@@ -71,6 +71,8 @@ def merge(
             ``arch_kwargs``) when the anchor is a bare state-dict file, which does not record them
             (a ``.safetensors`` anchor's tensors are also put in this net's order for the depths).
     """
+    if Path(out).is_dir():
+        raise MergeError(f"--out {out} is a folder; give the merged checkpoint's file name (e.g. {Path(out) / 'merged.ckpt'})")
     paths = newest_checkpoints(checkpoints, last) if last is not None else list(checkpoints)
     anchor_index = _anchor_index(paths, anchor)
     state, anchor_state = merge_inputs(paths, anchor_index, power, anchor_max, mode, parts, alpha, pretrained, net)

@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import math
+import os
 import statistics
 import warnings
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from jsonargparse import auto_cli
 
 from .plots import grouped_bars, iou_heatmaps, metric_vs_parameters, save
 from .results import RESULTS_FILE, read_test_results
+from .run_folder import STAGES, VERSION
 
 #: Config keys that never make runs different (seeds are averaged over, paths are outputs).
 IGNORED_KEY_PARTS = ("seed_everything", "ckpt_path", "default_root_dir", "save_dir", "dirpath", "output_dir",
@@ -96,7 +98,12 @@ def find_runs(folder: Path) -> list[Path]:
                 and ((c / "summary.json").is_file() or (c / "sweep.json").is_file())]
     if children:
         return [run for child in children for run in find_runs(child)]
-    if any(folder.rglob(RESULTS_FILE)):
+    results = list(folder.rglob(RESULTS_FILE))
+    # Several run folders of the library's layout (runs/<name>/version_<N>/test/...): each a run.
+    run_dirs = sorted({f.parent.parent for f in results if f.parent.name in STAGES and VERSION.match(f.parent.parent.name)})
+    if len(run_dirs) > 1:
+        return run_dirs
+    if results:
         return [folder]
     raise FileNotFoundError(f"{folder}: no run found (expected summary.json from `deft-lightning sweep`, or "
                             f"{RESULTS_FILE} from `deft-lightning test` below it)")
@@ -164,10 +171,14 @@ def report(*, run_dirs: list[str], out: str | None = None) -> Report:
     if len(set(short.values())) < len(short):
         short = {k: k for k in swept}
 
+    names = [run.folder.name for run in runs]
+    common = Path(os.path.commonpath([run.folder.resolve() for run in runs])) if len(set(names)) < len(names) else None
+
     def row_name(group: list[Run]) -> str:
         if swept:
             return ",".join(f"{short[k]}={group[0].config.get(k)}" for k in swept)
-        return group[0].folder.name
+        folder = group[0].folder
+        return folder.resolve().relative_to(common).as_posix() if common else folder.name
 
     named = {row_name(g): g for g in groups.values()}
     if sweep_metric:  # a sweep's points, best first by its metric (its last logged value)
@@ -196,8 +207,8 @@ def report(*, run_dirs: list[str], out: str | None = None) -> Report:
         cells = [mean_std(values(group, d)) if values(group, d) else "-" for d in columns]
         cells[-1] = f"**{cells[-1]}**"
         seeds = sorted({str(r.seed) for r in group})
-        lines.append(f"| {name} | " + " | ".join(str(group[0].config.get(k)) for k in swept)
-                     + f" | {', '.join(seeds)} | {group[0].stage} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([name, *(str(group[0].config.get(k)) for k in swept), ", ".join(seeds),
+                                         group[0].stage, *cells]) + " |")
         row: dict[str, Any] = {"run": name, **{k: group[0].config.get(k) for k in swept},
                                "seeds": " ".join(seeds), "stage": group[0].stage}
         for domain in columns:

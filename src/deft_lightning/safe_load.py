@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,22 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
     :class:`UnsafeCheckpointError` for a pickle that would run code.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; give a checkpoint file in it "
+                              f"({', '.join(p.name for p in sorted(path.glob('*.ckpt'))[:5]) or 'it has no *.ckpt'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as file:
+        head = file.read(4)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip (new) or a pickle (legacy)
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive; "
+                              f"this file starts with {head!r})")
+    if head[:2] == b"PK" and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is truncated or damaged (a zip archive without its end; "
+                              f"was its copy or save cut short?)")
     _allow_library_types()
     try:
-        content = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        content = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and head[:2] == b"PK")
     except pickle.UnpicklingError as error:
         raise UnsafeCheckpointError(
             f"refused to load {path}: it holds Python objects that weights-only loading does not "
@@ -54,8 +66,9 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
             f"deft-lightning checkpoints hold only tensors and plain values; load a file you do "
             f"not trust only after inspecting it"
         ) from None
-    except Exception as error:  # truncated zip, not a torch.save file, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
+    except Exception as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: "
+                              f"{str(error).splitlines()[0].split('. ')[0][:300]}") from None
     if not isinstance(content, dict):
         raise CheckpointError(f"{path} holds a {type(content).__name__}, not a checkpoint dict")
     return content

@@ -75,7 +75,12 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep file {path} does not exist")
-    sweep = yaml.safe_load(path.read_text())
+    try:
+        sweep = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SweepError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', None) or error}") from None
     if not isinstance(sweep, dict):
         raise SweepError(f"{path}: expected a mapping with 'method' and 'parameters'")
     method = sweep.get("method")
@@ -154,10 +159,16 @@ def distribution(name: str, spec: Any) -> str:
     missing = [key for key in required[kind] if key not in spec]
     if missing:
         raise SweepError(f"parameter {name!r}: distribution {kind!r} needs {', '.join(missing)}")
+    if kind in ("categorical", "categorical_w_probabilities") and not isinstance(spec["values"], list):
+        raise SweepError(f"parameter {name!r}: 'values' must be a list, got {spec['values']!r} (one value: value: ...)")
     if kind in ("categorical", "categorical_w_probabilities") and not spec["values"]:
         raise SweepError(f"parameter {name!r}: 'values' is empty")
     if kind == "categorical_w_probabilities" and len(spec["probabilities"]) != len(spec["values"]):
         raise SweepError(f"parameter {name!r}: {len(spec['probabilities'])} probabilities for {len(spec['values'])} values")
+    for key in ("min", "max"):
+        if isinstance(spec.get(key), str):
+            raise SweepError(f"parameter {name!r}: {key} {spec[key]!r} is text, not a number (YAML reads 1e-4 as "
+                             f"text: write 1.0e-4)")
     if "min" in spec and "max" in spec and not spec["min"] < spec["max"]:
         raise SweepError(f"parameter {name!r}: min {spec['min']} is not less than max {spec['max']}")
     return kind

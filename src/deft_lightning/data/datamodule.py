@@ -30,7 +30,8 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset
 
 from .class_uniform import ClassUniformDataset, class_image_index
-from .datasets import build_dataset
+from .datasets import DATASETS, build_dataset
+from .labels import NUM_CLASSES
 from .resumable import ResumableDataLoader, ResumableSampler
 from .synthetic import DOMAINS, SOURCE_DOMAIN, SyntheticDomainDataset
 from .transforms import train_transform
@@ -129,6 +130,9 @@ class DGSegDataModule(LightningDataModule):
             evaluation domain.
     """
 
+    #: Every dataset it serves labels pixels with Cityscapes' train ids 0..18 (255: ignore).
+    num_classes = NUM_CLASSES
+
     def __init__(
         self,
         source: DatasetSpec | None = None,
@@ -173,9 +177,12 @@ class DGSegDataModule(LightningDataModule):
             raise ValueError(f"source is the real dataset {source.name!r} but no `targets` are given: "
                              "name the target datasets to evaluate on (see docs/datasets.md); the "
                              "synthetic domains are only the default of a synthetic source")
-        for spec in [source, source_val, *(targets or [])]:
+        entries = {"source": source, "source_val": source_val, **{f"targets[{i}]": t for i, t in enumerate(targets or [])}}
+        for where, spec in entries.items():
+            if spec is not None and spec.name not in (*DATASETS, "synthetic"):
+                raise ValueError(f"data {where}: unknown dataset {spec.name!r}; known: {', '.join(DATASETS)}, synthetic")
             if spec is not None and spec.name == "synthetic" and (spec.domain or SOURCE_DOMAIN) not in DOMAINS:
-                raise ValueError(f"unknown synthetic domain {spec.domain!r}; known: {list(DOMAINS)}")
+                raise ValueError(f"data {where}: unknown synthetic domain {spec.domain!r}; known: {list(DOMAINS)}")
         if not 0.0 <= class_uniform_pct <= 1.0:
             raise ValueError(f"class_uniform_pct must be in [0, 1], got {class_uniform_pct}")
         if class_uniform_pct > 0 and not augment:

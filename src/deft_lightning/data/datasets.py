@@ -183,7 +183,8 @@ class SegmentationDataset(Dataset):
 
 def _require_dir(path: Path, layout: str) -> Path:
     if not path.is_dir():
-        raise FileNotFoundError(f"folder not found: {path}\nexpected layout: {layout}")
+        what = "expected a folder, found a file" if path.exists() else "folder not found"
+        raise FileNotFoundError(f"{what}: {path}\nexpected layout: {layout}")
     return path
 
 

@@ -159,6 +159,10 @@ class SegmentationTask(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         domains = getattr(datamodule, "eval_domains", None) or self.hparams.domains
         self.source_val_domain = getattr(datamodule, "source_val_domain", None)
+        data_classes = getattr(datamodule, "num_classes", None)
+        if stage != "predict" and data_classes is not None and self.hparams.num_classes < data_classes:
+            raise ValueError(f"model num_classes={self.hparams.num_classes}, but the data's labels are train ids "
+                             f"0..{data_classes - 1}: set --model.init_args.num_classes={data_classes}")
         if domains and (self.metrics is None or self.metrics.domains != list(domains)):
             self.configure_metrics(list(domains))
         self.configure_speedups(self.trainer.strategy.root_device)

@@ -38,10 +38,14 @@ from torch import nn
 
 from ..callbacks import BNConversion
 from ..callbacks.warmup import _set_bn_eval
-from ..safe_load import load_checkpoint
+from ..safe_load import CheckpointError, load_checkpoint
 from .base import SegmentationTask
 
 PARTS = ("encoder", "decoder")
+
+
+def _net_name(hparams: Any) -> str:
+    return "/".join(str(hparams.get(key)) for key in ("arch", "encoder_name", "num_classes"))
 
 
 class DAFT(SegmentationTask):
@@ -114,9 +118,18 @@ class DAFT(SegmentationTask):
         resuming = self._trainer is not None and self._trainer.ckpt_path is not None
         # A resumed run's checkpoint holds the weights: the init checkpoint may be gone by then.
         if stage == "fit" and path and not self._init_checkpoint_loaded and not resuming:
-            state = load_checkpoint(path)["state_dict"]
+            checkpoint = load_checkpoint(path)
+            state = checkpoint.get("state_dict")
+            if state is None:
+                raise CheckpointError(f"init_checkpoint {path} is not a task checkpoint (it has no 'state_dict')")
             net_state = {key[len("net."):]: value for key, value in state.items() if key.startswith("net.")}
-            self.net.load_state_dict(net_state)
+            try:
+                self.net.load_state_dict(net_state)
+            except RuntimeError as error:  # another arch, encoder or class count
+                raise CheckpointError(
+                    f"init_checkpoint {path} holds a {_net_name(checkpoint.get('hyper_parameters') or {})} net "
+                    f"(arch/encoder/classes), this run builds {_net_name(self.hparams)}: give a checkpoint of the same net "
+                    f"({' '.join(str(error).split())[:120]}...)") from None
             self._init_checkpoint_loaded = True
 
     def param_groups(self) -> list[dict[str, Any]]:
