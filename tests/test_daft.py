@@ -9,6 +9,7 @@ from torch import nn
 
 from conftest import TINY_NET, trainer_kwargs
 from deft_lightning import DAFT, BNConversion, DGSegDataModule
+from deft_lightning.safe_load import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,6 +108,9 @@ def test_lp_leaves_the_encoder_untouched_and_lpft_finetunes_it_with_bn_in_eval(t
     trainer = Trainer(**trainer_kwargs(tmp_path / "resumed", max_steps=3))
     trainer.fit(resumed, DGSegDataModule(**tiny_data_kwargs), ckpt_path=lpft_checkpoint)
     assert trainer.global_step == 3
+    fresh = DAFT(**TINY_NET, init_checkpoint=str(checkpoint), bn_conversion=False)
+    with pytest.raises(CheckpointError, match="lp.ckpt does not exist"):  # not resuming: the file is needed
+        Trainer(**trainer_kwargs(tmp_path / "fresh", max_steps=1)).fit(fresh, DGSegDataModule(**tiny_data_kwargs))
 
 
 def test_daft_converts_then_trains_with_bn_in_train_mode(tmp_path, tiny_data_kwargs):

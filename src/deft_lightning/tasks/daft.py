@@ -31,6 +31,7 @@ LP-FT is two runs: LP, then FT initialised from the LP run's checkpoint
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import Callback
@@ -99,6 +100,7 @@ class DAFT(SegmentationTask):
                              f"got {list(bn_conversion_parts)}")
         super().__init__(*args, decoder_lr=decoder_lr, **kwargs)
         self._init_checkpoint_loaded = False
+        self._missing_init_checkpoint: str | None = None
 
     def configure_models(self) -> None:
         super().configure_models()
@@ -115,9 +117,10 @@ class DAFT(SegmentationTask):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         path = self.hparams.init_checkpoint
-        resuming = self._trainer is not None and self._trainer.ckpt_path is not None
-        # A resumed run's checkpoint holds the weights: the init checkpoint may be gone by then.
-        if stage == "fit" and path and not self._init_checkpoint_loaded and not resuming:
+        if stage == "fit" and path and not self._init_checkpoint_loaded:
+            if not Path(path).exists():  # an error in on_fit_start unless a resumed checkpoint holds the weights
+                self._missing_init_checkpoint = path
+                return
             checkpoint = load_checkpoint(path)
             state = checkpoint.get("state_dict")
             if state is None:
@@ -131,6 +134,14 @@ class DAFT(SegmentationTask):
                     f"(arch/encoder/classes), this run builds {_net_name(self.hparams)}: give a checkpoint of the same net "
                     f"({' '.join(str(error).split())[:120]}...)") from None
             self._init_checkpoint_loaded = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Resuming: the checkpoint holds the weights, so the init checkpoint may have moved since.
+        self._init_checkpoint_loaded, self._missing_init_checkpoint = True, None
+
+    def on_fit_start(self) -> None:
+        if self._missing_init_checkpoint is not None:
+            load_checkpoint(self._missing_init_checkpoint)  # raises CheckpointError naming the file
 
     def param_groups(self) -> list[dict[str, Any]]:
         groups = super().param_groups()
