@@ -6,8 +6,9 @@ source domain (docs/methods.md §1). Switches:
 - ``ema_beta``: keep an EMA copy of the whole net, ``θ_ema ← β θ_ema + (1 − β) θ`` after
   every optimizer step (float buffers averaged too), and evaluate/predict/export with it
   (the "joint + EMA" row of the DeFT ablation; β is not given in the seeds, 0.9999 like
-  DeFT is our reading). With a warm-up the copy starts where DeFT's retentive copies do: it
-  is set to the net as warm-up leaves it and averages only the steps after warm-up;
+  DeFT is our reading). With a warm-up the copy equals the net until warm-up ends (it is
+  evaluated like DeFT's warm-up model), so averaging starts where DeFT's retentive copies
+  start: from the net as warm-up leaves it, over the steps after warm-up;
 - ``ema_beta_reference_steps``: β by horizon, as DeFT's ``beta_reference_steps``: a run of
   ``T`` steps after warm-up uses ``β^(R/T)``, so the start point keeps the weight ``β^R`` it has
   after ``R`` steps (joint + EMA and DeFT compared at equal horizon); the β used is logged;
@@ -21,7 +22,6 @@ import copy
 import math
 from typing import Any, Literal
 
-import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -99,16 +99,12 @@ class JointFinetune(SegmentationTask):
         return regions if self.ema_net is None else [*regions, self.ema_net.encoder, self.ema_net.decoder]
 
     def ema_pairs(self) -> list[EMAPair]:
-        # None during warm-up: the step that ends it (global_step == warmup_steps) included.
-        if self.ema_net is None or (self.hparams.warmup_steps and self.global_step <= self.hparams.warmup_steps):
+        if self.ema_net is None:
             return []
+        if self.hparams.warmup_steps and self.global_step <= self.hparams.warmup_steps:
+            # Warm-up, the step that ends it included: the copy follows the net exactly (β = 0).
+            return [EMAPair("net", self.ema_net, self.net, 0.0, buffers="copy")]
         return [EMAPair("net", self.ema_net, self.net, self.ema_beta_used, buffers="average")]
-
-    @torch.no_grad()
-    def on_warmup_end(self) -> None:
-        """The EMA copy starts here, from the net as warm-up left it (BN statistics included)."""
-        if self.ema_net is not None:
-            self.ema_net.load_state_dict(self.net.state_dict())
 
     def configure_callbacks(self) -> list[Callback]:
         callbacks: list[Callback] = []
