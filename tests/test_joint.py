@@ -12,13 +12,15 @@ from deft_lightning import DGSegDataModule, EMACallback, JointFinetune
 
 
 class RecordAfterStep(Callback):
-    """Snapshots of the net's state after every optimizer step (runs before the EMA callback)."""
+    """Snapshots of the net's (or ``module(task)``'s) state after every optimizer step (runs
+    before the EMA callback)."""
 
-    def __init__(self):
+    def __init__(self, module=lambda task: task.net):
         self.states = []
+        self.module = module
 
     def on_train_batch_end(self, trainer, pl_module, *args):
-        self.states.append({k: v.detach().clone() for k, v in pl_module.net.state_dict().items()})
+        self.states.append({k: v.detach().clone() for k, v in self.module(pl_module).state_dict().items()})
 
 
 def fit(task, data_kwargs, tmp_path, max_steps, callbacks=(), ckpt_path=None):
@@ -48,10 +50,12 @@ def test_ema_equals_beta_recurrence(tmp_path, tiny_net_kwargs, tiny_data_kwargs)
     assert not torch.equal(task.net.state_dict()[key], result[key])
 
 
-def test_ema_state_survives_checkpoint_and_resume(tmp_path, tiny_net_kwargs, tiny_data_kwargs):
-    """Interrupted at step 2 and resumed to 4 == uninterrupted 4 steps, bit for bit."""
+@pytest.mark.parametrize("warmup_steps", [0, 2])
+def test_ema_state_survives_checkpoint_and_resume(tmp_path, tiny_net_kwargs, tiny_data_kwargs, warmup_steps):
+    """Interrupted at step 2 and resumed to 4 == uninterrupted 4 steps, bit for bit (with a
+    warm-up: interrupted exactly at its end, before the EMA copy starts)."""
     torch.manual_seed(0)
-    kwargs = dict(**tiny_net_kwargs, ema_beta=0.7, weight_decay=1e-3)
+    kwargs = dict(**tiny_net_kwargs, ema_beta=0.7, weight_decay=1e-3, warmup_steps=warmup_steps)
     full = JointFinetune(**kwargs)
     start = copy.deepcopy(full.state_dict())
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
@@ -69,6 +73,36 @@ def test_ema_state_survives_checkpoint_and_resume(tmp_path, tiny_net_kwargs, tin
     assert ema_callback.num_updates == 4
     for key, value in full.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_ema_starts_from_the_net_as_warmup_leaves_it(tmp_path, tiny_net_kwargs, tiny_data_kwargs):
+    """The EMA copy equals the net during warm-up, then averages from the net as warm-up leaves
+    it, as DeFT's retentive copies do (not from the random decoder of step 0): ema = θ_W, then
+    ema_t = β ema_{t-1} + (1 − β) θ_t, so β by horizon's "start point keeps β^R" holds."""
+    beta, warmup, steps = 0.5, 2, 4
+    task = JointFinetune(**tiny_net_kwargs, ema_beta=beta, warmup_steps=warmup, weight_decay=1e-3)
+    recorder, ema_states = RecordAfterStep(), RecordAfterStep(lambda task: task.ema_net)
+    fit(task, tiny_data_kwargs, tmp_path, steps, [recorder, ema_states])
+    for step in range(1, warmup + 1):  # recorded before this step's EMA update: an exact copy of the step before
+        assert all(torch.equal(v, recorder.states[step - 1][k]) for k, v in ema_states.states[step].items())
+    ema = {k: v.double() for k, v in recorder.states[warmup - 1].items()}
+    for state in recorder.states[warmup:]:
+        for key, value in state.items():
+            ema[key] = beta * ema[key] + (1 - beta) * value.double() if value.is_floating_point() else value.double()
+    result = task.ema_net.state_dict()
+    for key, expected in ema.items():
+        torch.testing.assert_close(result[key].double(), expected, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_ema_beta_by_horizon_counts_the_steps_after_warmup_of_schedule_steps(tiny_net_kwargs):
+    """``schedule_steps`` is the poly horizon of the whole run, warm-up included (the base task's
+    T), so the EMA's run after warm-up is ``schedule_steps − warmup_steps`` steps long."""
+    task = JointFinetune(**tiny_net_kwargs, ema_beta=0.9, ema_beta_reference_steps=8, warmup_steps=1,
+                         schedule_steps=5)
+    scheduler = task.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert scheduler.lr_lambdas[0](5) == 0.0  # the poly horizon: 5 steps, warm-up included
+    task.on_train_start()
+    assert task.ema_beta_used == pytest.approx(0.9 ** (8 / 4))
 
 
 @pytest.mark.parametrize("frozen_bn", ["train", "eval"])

@@ -6,7 +6,9 @@ source domain (docs/methods.md §1). Switches:
 - ``ema_beta``: keep an EMA copy of the whole net, ``θ_ema ← β θ_ema + (1 − β) θ`` after
   every optimizer step (float buffers averaged too), and evaluate/predict/export with it
   (the "joint + EMA" row of the DeFT ablation; β is not given in the seeds, 0.9999 like
-  DeFT is our reading);
+  DeFT is our reading). With a warm-up the copy equals the net until warm-up ends (it is
+  evaluated like DeFT's warm-up model), so averaging starts where DeFT's retentive copies
+  start: from the net as warm-up leaves it, over the steps after warm-up;
 - ``ema_beta_reference_steps``: β by horizon, as DeFT's ``beta_reference_steps``: a run of
   ``T`` steps after warm-up uses ``β^(R/T)``, so the start point keeps the weight ``β^R`` it has
   after ``R`` steps (joint + EMA and DeFT compared at equal horizon); the β used is logged;
@@ -78,7 +80,8 @@ class JointFinetune(SegmentationTask):
         hp = self.hparams
         if hp.ema_beta is None or hp.ema_beta_reference_steps is None:
             return
-        steps = hp.schedule_steps or self.trainer.estimated_stepping_batches - hp.warmup_steps
+        # schedule_steps is the poly horizon of the whole run (SegmentationTask), warm-up included.
+        steps = (hp.schedule_steps or self.trainer.estimated_stepping_batches) - hp.warmup_steps
         if not math.isfinite(steps) or steps <= 0:
             raise ValueError("ema_beta_reference_steps needs a finite run after warm-up: set trainer.max_steps "
                              "(or model.schedule_steps)")
@@ -98,6 +101,9 @@ class JointFinetune(SegmentationTask):
     def ema_pairs(self) -> list[EMAPair]:
         if self.ema_net is None:
             return []
+        if self.hparams.warmup_steps and self.global_step <= self.hparams.warmup_steps:
+            # Warm-up, the step that ends it included: the copy follows the net exactly (β = 0).
+            return [EMAPair("net", self.ema_net, self.net, 0.0, buffers="copy")]
         return [EMAPair("net", self.ema_net, self.net, self.ema_beta_used, buffers="average")]
 
     def configure_callbacks(self) -> list[Callback]:
