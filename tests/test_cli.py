@@ -52,3 +52,17 @@ def test_every_method_config_parses(config):
 
     cli = lightning_cli(["--config", str(ROOT / config), "--trainer.logger=false"], run=False)
     assert cli.model is not None and cli.datamodule is not None
+
+
+def test_bare_command_and_help_list_every_command_and_each_command_has_help(tmp_path, capsys):
+    from deft_lightning.cli import LIBRARY_COMMANDS, LIGHTNING_COMMANDS, main
+
+    bare = deft_lightning(cwd=tmp_path)
+    assert bare.returncode == 2
+    listed = [line.split()[0] for line in bare.stderr.splitlines() if line[:3].count(" ") == 2]
+    assert listed == [*LIGHTNING_COMMANDS, *LIBRARY_COMMANDS]
+    for command in listed:
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0, command
+        assert "--help" in capsys.readouterr().out, command

@@ -51,6 +51,27 @@ LIBRARY_COMMANDS = {
     "check-data": "deft_lightning.check_data:main",
 }
 
+LIGHTNING_COMMANDS = {
+    "fit": "train a method (a config per method: --config configs/<method>.yaml)",
+    "validate": "evaluate a checkpoint on the validation split of every domain",
+    "test": "evaluate a checkpoint on every domain; per-class IoU table in <run>/test/",
+    "predict": "coloured overlays and train-id PNGs for a folder of images",
+}
+
+
+def overview() -> str:
+    """``deft-lightning`` / ``--help``: every command, Lightning's and the library's."""
+    library = {name: importlib.import_module(target.partition(":")[0]).__doc__.splitlines()[0]
+               .split(":", 1)[1].strip().rstrip(".") for name, target in LIBRARY_COMMANDS.items()}
+    width = max(map(len, [*LIGHTNING_COMMANDS, *library]))
+    lines = ["usage: deft-lightning <command> [--config FILE ...] [--key=value ...]",
+             "       deft-lightning <command> --help   (the command's options)", "", "Lightning's commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += ["", "The library's commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in library.items()]
+    return "\n".join(lines)
+
+
 #: Exceptions that are the user's input at fault (their messages name the file or parameter):
 #: printed as one line, no traceback, exit status 1.
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError, KeyError,
@@ -320,6 +341,9 @@ def main(argv: list[str] | None = None) -> None:
         if argv is None:
             sys.argv[1:] = words
     try:
+        if not words or words[0] in ("-h", "--help"):
+            print(overview(), file=sys.stdout if words else sys.stderr)
+            sys.exit(0 if words else 2)
         if words and words[0] in LIBRARY_COMMANDS:
             module_name, _, function_name = LIBRARY_COMMANDS[words[0]].partition(":")
             getattr(importlib.import_module(module_name), function_name)(words[1:])
