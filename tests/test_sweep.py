@@ -4,6 +4,7 @@ import csv
 import itertools
 import json
 import math
+import warnings
 
 import pytest
 import yaml
@@ -206,3 +207,15 @@ def test_report_on_the_two_finished_points(grid_sweep):
     assert sizes["metric_vs_parameters"] == (420, 340)  # one swept parameter: one panel
     assert sizes["per_class_iou"][1] > 19 * 28  # a row per class
     assert [f.name for f in result.files][:2] == ["report.md", "report.csv"]
+
+
+@pytest.mark.parametrize("metric", ["val/mIoU_mean", "val/night/mIoU", "test/mIoU_mean"])
+def test_a_sweep_selecting_on_target_data_warns_and_the_shipped_sweeps_do_not(tmp_path, metric):
+    path = tmp_path / "target.yaml"
+    path.write_text(yaml.safe_dump({**RANDOM_SWEEP, "metric": {"name": metric, "goal": "maximize"}}))
+    with pytest.warns(UserWarning, match=f"selects on {metric}, which can be target-domain data"):
+        load_sweep(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for shipped in sorted((ROOT / "configs/sweeps").glob("*.yaml")):
+            load_sweep(shipped)

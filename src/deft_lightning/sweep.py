@@ -45,12 +45,14 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +72,10 @@ class SweepError(ValueError):
 
 
 # ---- the sweep file ----------------------------------------------------------------------
+#: Metrics that may hold target-domain data: a sweep selecting on one warns.
+TARGET_METRIC = re.compile(r"^(test/|val/mIoU_mean$|val/[^/]+/)")
+
+
 def load_sweep(path: str | Path) -> dict[str, Any]:
     """The sweep file, checked: method, parameters (each with a known distribution), metric."""
     path = Path(path)
@@ -108,6 +114,10 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     if metric is not None and (not isinstance(metric, dict) or "name" not in metric
                                or metric.get("goal", "minimize") not in ("minimize", "maximize")):
         raise SweepError(f"{path}: 'metric' must be {{name: ..., goal: minimize|maximize}}, got {metric!r}")
+    if metric is not None and TARGET_METRIC.match(str(metric["name"])):
+        warnings.warn(f"{path}: the sweep selects on {metric['name']}, which can be target-domain data: selecting "
+                      "on the targets is the DG protocol's known pitfall (val/mIoU_source is the source's held-out "
+                      "split)", stacklevel=2)
     if sweep.get("program", "deft-lightning") != "deft-lightning":
         raise SweepError(f"{path}: the local runner runs `deft-lightning` commands; program is {sweep['program']!r}")
     return sweep
