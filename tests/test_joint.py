@@ -6,9 +6,11 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
 
 from conftest import trainer_kwargs
 from deft_lightning import DGSegDataModule, EMACallback, JointFinetune
+from deft_lightning.callbacks.ema import EMAPair, check_precision, ema_update
 
 
 class RecordAfterStep(Callback):
@@ -145,3 +147,21 @@ def test_poly_schedule_is_stepped_per_iteration(tiny_net_kwargs):
         optimizer.step()
         scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx((1 - 4 / 10) ** 0.9)
+
+
+def test_an_ema_that_bf16_weights_cannot_hold_is_refused():
+    for beta, dtype, refused in [(0.9999, torch.bfloat16, True), (0.99, torch.bfloat16, False),
+                                 (0.9999, torch.float32, False)]:
+        target, source = nn.Linear(4, 4).to(dtype), nn.Linear(4, 4).to(dtype)
+        with torch.no_grad():
+            for module, value in ((target, 1.0), (source, 1.5)):
+                for param in module.parameters():
+                    param.fill_(value)
+        pair = EMAPair("net", target, source, beta)
+        ema_update([pair])
+        assert torch.equal(target.weight, torch.ones_like(target.weight)) == refused, (beta, dtype)  # rounded away
+        if refused:
+            with pytest.raises(ValueError, match="rounding step"):
+                check_precision([pair])
+        else:
+            check_precision([pair])

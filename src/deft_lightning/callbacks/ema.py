@@ -69,6 +69,18 @@ def ema_update(pairs: list[EMAPair]) -> None:
         torch._foreach_copy_([t for t, _ in copies], [s for _, s in copies])
 
 
+def check_precision(pairs: list[EMAPair]) -> None:
+    """Refuse a pair whose float weights cannot hold one update: with ``1 − β`` under half the
+    dtype's resolution (bf16: 2⁻⁸), ``lerp`` rounds every step back to the old value and the
+    average silently never moves (e.g. β = 0.9999 with ``precision: bf16-true``)."""
+    for pair in pairs:
+        for tensor in pair.target.parameters():
+            if tensor.is_floating_point() and 0 < 1.0 - pair.beta < torch.finfo(tensor.dtype).eps / 2:
+                raise ValueError(f"EMA pair {pair.name!r}: β={pair.beta} moves {tensor.dtype} weights by less "
+                                 f"than their rounding step, so the average would never change; keep the weights "
+                                 f"in float32 (precision 32-true or bf16-mixed, not bf16-true/16-true)")
+
+
 class EMACallback(Callback):
     """Updates the task's ``ema_pairs()`` after every optimizer step and checkpoints its count.
 
@@ -79,6 +91,7 @@ class EMACallback(Callback):
     def __init__(self) -> None:
         self.num_updates = 0
         self._last_global_step: int | None = None
+        self._checked_beta: float | None = None
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         # An optimizer step happened iff global_step moved (gradient accumulation aware).
@@ -87,6 +100,9 @@ class EMACallback(Callback):
         self._last_global_step = trainer.global_step
         pairs = pl_module.ema_pairs()
         if pairs:
+            if self.num_updates == 0 or pairs[0].beta != self._checked_beta:
+                check_precision(pairs)
+                self._checked_beta = pairs[0].beta
             ema_update(pairs)
             self.num_updates += 1
 
