@@ -92,3 +92,9 @@ def test_bad_mask_ids_are_named_when_read(tmp_path):
 def test_unknown_synthetic_domain_lists_the_known_ones():
     with pytest.raises(ValueError, match="known"):
         DGSegDataModule(synthetic_targets=["mars"])
+
+
+def test_a_synthetic_split_typo_is_refused_not_served_as_the_held_out_images(tiny_data_kwargs):
+    dm = DGSegDataModule(**tiny_data_kwargs, source=DatasetSpec("synthetic", split="trian"), targets=[])
+    with pytest.raises(ValueError, match="unknown split 'trian'; known: train, val, test"):
+        dm.setup("fit")

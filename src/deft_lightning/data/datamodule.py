@@ -243,9 +243,11 @@ class DGSegDataModule(LightningDataModule):
 
     # ---- datasets ----------------------------------------------------------------------
     def _synthetic(self, spec: DatasetSpec, transform=None) -> Dataset:
-        """A synthetic entry: split ``train`` is images 0..N-1, any other split the held-out
+        """A synthetic entry: split ``train`` is images 0..N-1, ``val`` and ``test`` the held-out
         images; options ``length`` and ``image_size`` default to the ``synthetic_*`` arguments."""
         hp = self.hparams
+        if spec.split not in ("train", "val", "test"):  # a typo must not train on the held-out images
+            raise ValueError(f"synthetic entry {spec}: unknown split {spec.split!r}; known: train, val, test")
         options = dict(spec.options)
         unknown = sorted(set(options) - {"length", "image_size"})
         if unknown:
