@@ -173,6 +173,19 @@ def test_mapillary_pads_tall_images_with_ignore_labels_and_black(tmp_path: Path)
     assert torch.allclose(image[:, 8, 8], torch.tensor(RGB) / 255.0, atol=2 / 255)
 
 
+def test_mapillary_downscale_is_antialiased_as_pil_bicubic(tmp_path: Path):
+    """One-pixel black/white stripes shrunk 3x average to grey (PIL's bicubic, the authors');
+    OpenCV's INTER_CUBIC samples every third column and returns full-contrast stripes."""
+    stripes = np.zeros((48, 96, 3), np.uint8)
+    stripes[:, ::2] = 255
+    root = make_mapillary(tmp_path / "mapillary", 48, 96, np.full((48, 96), 55, np.uint8))
+    fake_datasets.write_rgb(root / "validation" / "images" / "scene.jpg", stripes)
+    image = MapillaryDataset(str(root), "validation", size=16)[0]["image"]
+    assert image.shape == (3, 16, 16)
+    inner = image[:, 2:-2, 2:-2]
+    assert abs(inner.mean().item() - 0.5) < 0.05 and inner.std().item() < 0.05
+
+
 def test_synthia_reads_the_class_from_the_first_channel_of_the_16_bit_label(tmp_path: Path):
     root = tmp_path / "synthia"
     label = np.zeros((H, W, 3), np.uint16)

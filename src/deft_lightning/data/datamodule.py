@@ -117,7 +117,7 @@ class DGSegDataModule(LightningDataModule):
         seed: seed of the synthetic data (image ``i`` of domain ``d`` is a function of
             ``(seed, d, i)``) and of the augmentation generator.
         batch_size, eval_batch_size, num_workers: dataloader settings.
-        crop_size, scale_range, hflip_p, color_jitter, color_jitter_p, blur_p: training
+        crop_size, scale_range, hflip_p, color_jitter, color_jitter_p, blur_p, blur_sigma: training
             augmentation (see :func:`~deft_lightning.data.transforms.train_transform`);
             ``augment=False`` turns it off.
         class_uniform_pct: fraction of training crops centred on a pixel of a uniformly drawn
@@ -154,7 +154,8 @@ class DGSegDataModule(LightningDataModule):
         hflip_p: float = 0.5,
         color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
         color_jitter_p: float = 0.5,
-        blur_p: float = 0.5,
+        blur_p: float = 1.0,
+        blur_sigma: tuple[float, float] = (0.15, 1.3),
         class_uniform_pct: float = 0.0,
         class_index_cache: str | None = None,
         shuffle: bool = True,
@@ -279,7 +280,8 @@ class DGSegDataModule(LightningDataModule):
         if not hp.augment:
             return None
         transform = train_transform(tuple(hp.crop_size), tuple(hp.scale_range), hp.hflip_p,
-                                    tuple(hp.color_jitter), hp.color_jitter_p, hp.blur_p)
+                                    tuple(hp.color_jitter), hp.color_jitter_p, hp.blur_p,
+                                    tuple(hp.blur_sigma))
         transform.set_random_seed(self._augmentation_seed())
         return transform
 

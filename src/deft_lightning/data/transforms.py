@@ -2,7 +2,8 @@
 
 Training: random scale, pad (image 0, mask 255) and random crop, horizontal flip, colour
 jitter (brightness, contrast, saturation, hue) with probability ``color_jitter_p``, and
-Gaussian blur. The crop is a :class:`ClassCentredCrop`: random, or centred on a pixel of the
+Gaussian blur (RobustNet's ``RandomGaussianBlur``, which the DeFT authors train with: every
+image, σ uniform in [0.15, 1.3]). The crop is a :class:`ClassCentredCrop`: random, or centred on a pixel of the
 class given as ``crop_class`` (class-uniform sampling, data/class_uniform.py). Evaluation: none
 (whole image at native resolution).
 
@@ -50,9 +51,12 @@ def train_transform(
     hflip_p: float = 0.5,
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
     color_jitter_p: float = 0.5,
-    blur_p: float = 0.5,
+    blur_p: float = 1.0,
+    blur_sigma: tuple[float, float] = (0.15, 1.3),
 ) -> A.Compose:
-    """The training pipeline; ``crop_size`` is (height, width)."""
+    """The training pipeline; ``crop_size`` is (height, width). The blur's kernel is sized from
+    its σ (radius ⌊3.5σ⌋, as PIL; the authors' skimage filter truncates at 4σ, a difference
+    below 0.1 % of the kernel's weight)."""
     height, width = crop_size
     low, high = scale_range
     if not 0 < low <= high:
@@ -61,14 +65,14 @@ def train_transform(
     return A.Compose(
         [
             A.RandomScale(scale_limit=(low - 1.0, high - 1.0), interpolation=cv2.INTER_LINEAR,
-                          mask_interpolation=cv2.INTER_NEAREST, p=1.0),
+                          mask_interpolation=cv2.INTER_NEAREST_EXACT, p=1.0),
             A.PadIfNeeded(min_height=height, min_width=width, border_mode=cv2.BORDER_CONSTANT,
                           fill=0, fill_mask=IGNORE_INDEX),
             ClassCentredCrop(height, width),
             A.HorizontalFlip(p=hflip_p),
             A.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
                           p=color_jitter_p),
-            A.GaussianBlur(blur_limit=(3, 7), sigma_limit=(0.1, 2.0), p=blur_p),
+            A.GaussianBlur(blur_limit=0, sigma_limit=blur_sigma, p=blur_p),
         ]
     )
 
