@@ -6,7 +6,8 @@ import torch
 
 from conftest import TINY_DATA
 from deft_lightning import DGSegDataModule
-from deft_lightning.data.resumable import ResumableSampler, SampleKey, SeededSamples, _seed_transform
+from deft_lightning.data.resumable import (ResumableSampler, SampleKey, SeededSamples, _seed_transform,
+                                           global_rng_state, set_global_rng_state)
 
 
 def test_order_depends_on_seed_and_epoch_and_a_resumed_epoch_skips_what_was_seen():
@@ -51,3 +52,47 @@ def test_each_transform_draws_from_its_own_stream():
         _seed_transform(transform, seed)
         agree += (flip.py_random.random() < 0.5) == (jitter.py_random.random() < 0.5)
     assert 60 < agree < 140, agree
+
+
+class FakeCuda:
+    """``count`` CUDA devices' generator states, this process drawing on ``current``."""
+
+    def __init__(self, count, current, states):
+        self.count, self.current, self.states = count, current, dict(enumerate(states))
+
+    def _index(self, device):
+        index = self.current if device == "cuda" else device
+        if index >= self.count:
+            raise RuntimeError("CUDA error: invalid device ordinal")
+        return index
+
+    def install(self, monkeypatch):
+        for name, value in {"is_available": lambda: True, "is_initialized": lambda: True,
+                            "device_count": lambda: self.count, "current_device": lambda: self.current,
+                            "get_rng_state": lambda device="cuda": self.states[self._index(device)].clone(),
+                            "get_rng_state_all": lambda: [self.states[i].clone() for i in range(self.count)],
+                            "set_rng_state": lambda state, device="cuda": self.states.__setitem__(self._index(device), state),
+                            "set_rng_state_all": lambda states: [self.states.__setitem__(self._index(i), s)
+                                                                 for i, s in enumerate(states)]}.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+def test_a_ddp_rank_resumes_the_cuda_generator_of_its_own_device(monkeypatch):
+    """Rank r draws on cuda:r; every rank loads the loader state rank 0 saved. Seeded and drawing
+    alike, rank r's device is where rank 0's device is: rank 1 (and a resume on one GPU) must
+    continue from rank 0's cuda:0 state, not from cuda:1 as rank 0 left it (never drawn on)."""
+    seeded, advanced = torch.zeros(4, dtype=torch.uint8), torch.arange(4, dtype=torch.uint8)
+    cpu = torch.get_rng_state()
+    try:
+        FakeCuda(2, 0, [advanced, seeded]).install(monkeypatch)  # rank 0 saves
+        saved = global_rng_state()
+        rank_1 = FakeCuda(2, 1, [seeded, seeded])
+        rank_1.install(monkeypatch)
+        set_global_rng_state(saved)
+        assert torch.equal(rank_1.states[1], advanced)
+        one_gpu = FakeCuda(1, 0, [seeded])  # resumed on a machine with one GPU
+        one_gpu.install(monkeypatch)
+        set_global_rng_state(saved)
+        assert torch.equal(one_gpu.states[0], advanced)
+    finally:
+        torch.set_rng_state(cpu)

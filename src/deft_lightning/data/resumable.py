@@ -106,15 +106,17 @@ class SeededSamples(Dataset):
 
 
 def global_rng_state() -> dict[str, Any]:
-    """The global torch (CPU, and CUDA if in use), numpy and ``random`` states, as plain data
-    and tensors (weights-only loadable)."""
+    """The global torch (CPU, and this process's CUDA device if in use), numpy and ``random``
+    states, as plain data and tensors (weights-only loadable)."""
     name, keys, position, has_gauss, gauss = np.random.get_state()
     version, internal, python_gauss = random.getstate()
     state = {"torch": torch.get_rng_state(),
              "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss)],
              "python": [version, list(internal), python_gauss]}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # The current device only: DDP rank r draws on device r, and every rank restores the
+        # state rank 0 saved (its ranks are seeded and draw alike) onto its own device.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -125,7 +127,10 @@ def set_global_rng_state(state: dict[str, Any]) -> None:
     version, internal, python_gauss = state["python"]
     random.setstate((version, tuple(internal), python_gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, list):  # saved with every device's state (older checkpoints)
+            cuda = cuda[torch.cuda.current_device()]
+        torch.cuda.set_rng_state(cuda)
 
 
 class ResumableDataLoader(DataLoader):
