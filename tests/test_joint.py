@@ -1,6 +1,7 @@
 """JointFinetune with its EMA and warm-up callbacks, on tiny synthetic data."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from conftest import trainer_kwargs
 from deft_lightning import DGSegDataModule, EMACallback, JointFinetune
+from deft_lightning.callbacks import RunSummary
 from deft_lightning.callbacks.ema import EMAPair, check_precision, ema_update
 
 
@@ -165,3 +167,29 @@ def test_an_ema_that_bf16_weights_cannot_hold_is_refused():
                 check_precision([pair])
         else:
             check_precision([pair])
+
+
+
+def test_run_summary_of_a_checkpoint_evaluation_records_the_checkpoints_step(tmp_path, tiny_net_kwargs,
+                                                                              tiny_data_kwargs):
+    """`validate`/`test` of a checkpoint (a new `deft-lightning` process, or after fit): the
+    summary's step is the checkpoint's (Lightning restores the step only when fitting); of the
+    net in memory, the trainer's."""
+    summary_file, data = tmp_path / "summary.json", DGSegDataModule(**tiny_data_kwargs)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=1)
+    task = JointFinetune(**tiny_net_kwargs)
+    fitted = fit(task, tiny_data_kwargs, tmp_path, 2, [checkpoints, RunSummary(str(summary_file))])
+    step_1 = next((tmp_path / "ckpt").glob("*step=1.ckpt"))
+
+    def step(stage):
+        return json.loads(summary_file.read_text())[stage]["global_step"]
+
+    assert step("fit") == 2
+    for stage in ("validate", "test"):
+        trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[RunSummary(str(summary_file))], limit_val_batches=1))
+        getattr(trainer, stage)(JointFinetune(**tiny_net_kwargs), data, ckpt_path=step_1)
+        assert step(stage) == 1
+    fitted.test(task, data)  # the net in memory, as fit left it
+    assert step("test") == 2
+    fitted.validate(task, data, ckpt_path=step_1)
+    assert step("validate") == 1

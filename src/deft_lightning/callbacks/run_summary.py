@@ -14,7 +14,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 class RunSummary(Callback):
     """At the end of ``fit``, ``validate`` and ``test``, the last value of every logged metric
-    (as a wandb run summary holds), the step, the evaluation domains, and (fit) the checkpoints
+    (as a wandb run summary holds), the step (of the checkpoint evaluated, when ``validate`` or
+    ``test`` loads one), the evaluation domains, and (fit) the checkpoints
     ModelCheckpoint wrote, under the key ``"fit"``, ``"validate"`` or ``"test"`` of one JSON
     file (the other stages' entries are kept).
 
@@ -24,6 +25,14 @@ class RunSummary(Callback):
 
     def __init__(self, path: str | None = None) -> None:
         self.path = path
+        self._checkpoint_step: int | None = None
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Lightning restores the step only when fitting; an evaluation of a checkpoint says 0.
+        self._checkpoint_step = checkpoint.get("global_step")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._checkpoint_step = None  # from here on the weights are at the trainer's step
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         checkpoint = trainer.checkpoint_callback
@@ -48,7 +57,8 @@ class RunSummary(Callback):
         domains = getattr(getattr(trainer.lightning_module, "metrics", None), "domains", None)
         entry = {"metrics": {k: (None if math.isnan(v) else v) for k, v in sorted(metrics.items())},
                  "domains": domains, "source_domain": getattr(trainer.lightning_module, "source_val_domain", None),
-                 "global_step": trainer.global_step, "log_dir": log_dir, **extra}
+                 "global_step": trainer.global_step if self._checkpoint_step is None else self._checkpoint_step,
+                 "log_dir": log_dir, **extra}
         summary = json.loads(path.read_text()) if path.exists() else {}
         summary[stage] = entry
         path.parent.mkdir(parents=True, exist_ok=True)
