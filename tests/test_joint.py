@@ -169,7 +169,6 @@ def test_an_ema_that_bf16_weights_cannot_hold_is_refused():
             check_precision([pair])
 
 
-
 def test_run_summary_of_a_checkpoint_evaluation_records_the_checkpoints_step(tmp_path, tiny_net_kwargs,
                                                                               tiny_data_kwargs):
     """`validate`/`test` of a checkpoint (a new `deft-lightning` process, or after fit): the
