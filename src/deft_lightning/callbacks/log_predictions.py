@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-from ..data.labels import CLASSES, colorize
+from ..data.labels import class_names, colorize
 
 
 def overlay_strip(image: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor) -> np.ndarray:
@@ -81,7 +81,7 @@ class LogPredictions(Callback):
         source = getattr(pl_module, "source_val_domain", None)
         columns = ["class", *(f"{d} (source)" if d == source else d for d in domains)]
         rows = []
-        for index, name in enumerate(CLASSES[: len(ious[domains[0]])]):
+        for index, name in enumerate(class_names(len(ious[domains[0]]))):
             values = [float(ious[d][index]) for d in domains]
             if not all(math.isnan(v) for v in values):
                 rows.append([name, *(None if math.isnan(v) else round(100 * v, 2) for v in values)])

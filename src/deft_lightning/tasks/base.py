@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from ..callbacks.ema import EMAPair
-from ..data.labels import CLASSES, IGNORE_INDEX, NUM_CLASSES
+from ..data.labels import IGNORE_INDEX, NUM_CLASSES, class_names
 from ..data.transforms import lab_style_augmentation
 from ..metrics import DomainIoU
 from ..net import SegmentationNet
@@ -304,7 +304,7 @@ def format_iou_table(ious: dict[str, Tensor], source_domain: str | None = None) 
     def cell(value: float) -> str:
         return "-" if math.isnan(value) else f"{100 * value:.1f}"
 
-    for index, name in enumerate(CLASSES[: len(next(iter(ious.values())))]):
+    for index, name in enumerate(class_names(len(next(iter(ious.values()))))):
         values = [float(ious[d][index]) for d in domains]
         if all(math.isnan(v) for v in values):
             continue
