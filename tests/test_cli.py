@@ -66,3 +66,18 @@ def test_bare_command_and_help_list_every_command_and_each_command_has_help(tmp_
             main([command, "--help"])
         assert exit_info.value.code == 0, command
         assert "--help" in capsys.readouterr().out, command
+
+
+def test_predict_keeps_no_predictions_in_memory(tmp_path, monkeypatch):
+    """The writer saves every batch as it comes: the command holds no list of every image and map
+    (Lightning's default, ~40 MB a 1080p photo), unless --return_predictions true asks for it."""
+    from deft_lightning.cli import lightning_cli
+    from test_data_presets import TINY_ARGS
+
+    monkeypatch.chdir(tmp_path)
+    args = ["predict", "--config", str(ROOT / "configs/joint.yaml"), *TINY_ARGS, "--allow_untrained=true",
+            "--data.init_args.synthetic_targets=[fog]", "--trainer.enable_progress_bar=false"]
+    cli = lightning_cli(args)
+    assert len(list(tmp_path.glob("runs/joint/version_0/predict/predictions/*/*_trainid.png"))) == 4
+    assert cli.trainer.predict_loop.predictions == []
+    assert len(lightning_cli([*args, "--return_predictions=true"]).trainer.predict_loop.predictions) == 2

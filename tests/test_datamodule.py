@@ -98,3 +98,17 @@ def test_a_synthetic_split_typo_is_refused_not_served_as_the_held_out_images(tin
     dm = DGSegDataModule(**tiny_data_kwargs, source=DatasetSpec("synthetic", split="trian"), targets=[])
     with pytest.raises(ValueError, match="unknown split 'trian'; known: train, val, test"):
         dm.setup("fit")
+
+
+def test_an_evaluation_batch_of_images_of_different_sizes_is_one_clear_error(tmp_path):
+    """eval_batch_size > 1 over a set of mixed sizes (a folder, Mapillary with size: null) cannot be
+    stacked: the error names the domain, the sizes and the setting, not torch.stack's shapes."""
+    from fake_datasets import make_photos
+
+    photos = make_photos(tmp_path / "photos")
+    dm = DGSegDataModule(targets=[DatasetSpec("folder", str(photos), "", "photos")], synthetic_val_size=2,
+                         synthetic_image_size=(32, 64), eval_batch_size=2)
+    dm.setup("validate")
+    with pytest.raises(ValueError, match=r"domain 'photos'.*\(33, 47\), \(64, 64\).*eval_batch_size=1"):
+        next(iter(dm.val_dataloader()[1]))
+    assert next(iter(dm.val_dataloader()[0]))["image"].shape == (2, 3, 32, 64)  # one size: batched as before

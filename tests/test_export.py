@@ -92,3 +92,19 @@ def test_export_of_an_architecture_smp_runs_only_at_stride_multiples(tmp_path):
         assert torch.equal(exported.argmax(1), expected.argmax(1)), size
     with pytest.raises(RuntimeError, match="divisible by 32"):
         model(torch.rand(1, 3, 97, 131))
+
+
+def test_a_checkpoint_loads_inside_no_grad(tmp_path):
+    """`with torch.no_grad(): load_task(ckpt)(images)`, as inference code is written: the probe that
+    drops unused encoder stages (encoder_depth < 5) needs gradients and takes them itself."""
+    from deft_lightning.export import load_task
+
+    task = JointFinetune(**TINY_NET)
+    ckpt = tmp_path / "task.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
+                "task_class": "deft_lightning.tasks.joint.JointFinetune"}, ckpt)
+    images = torch.rand(1, 3, 32, 64)
+    with torch.no_grad():
+        loaded = load_task(ckpt)
+        torch.testing.assert_close(loaded(images), task.eval()(images))
+    assert all(p.requires_grad for p in loaded.net.parameters())

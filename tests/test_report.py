@@ -79,3 +79,20 @@ def test_a_folder_of_run_folders_is_one_row_per_run_with_aligned_cells(tmp_path)
         assert len(cells[f"{name}/version_0"]) == len(columns)
         row = dict(zip(columns, cells[f"{name}/version_0"]))
         assert row["stage"] == "test" and row["clear (source)"] == f"{miou(accuracy, 1.0):.1f}"
+
+
+def test_a_net_with_more_outputs_than_the_19_classes_gets_its_results_written(tmp_path):
+    """num_classes=20 is accepted (the data's train ids fit in it): a pixel predicted as class 19
+    is a row of the table and of test_results.json, named, instead of a crash at the end of test."""
+    from deft_lightning.metrics import iou_per_class
+    from deft_lightning.results import read_test_results
+    from deft_lightning.tasks.base import format_iou_table
+
+    confusion = torch.zeros(20, 20, dtype=torch.long)
+    confusion[0, 0], confusion[1, 19] = 5, 3
+    write_test_results(tmp_path, {"fog": confusion}, None)
+    results = read_test_results(tmp_path / "test_results.json")
+    assert results["classes"][18:] == ["bicycle", "class 19"] and len(results["domains"]["fog"]["iou"]) == 20
+    assert (tmp_path / "confusion_fog.png").is_file()
+    table = format_iou_table({"fog": iou_per_class(confusion)})
+    assert "| class 19 | 0.0 |" in table and "| **mIoU** | 33.3 |" in table

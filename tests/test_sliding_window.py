@@ -66,3 +66,11 @@ def test_docs_command_evaluates_with_windows(tmp_path, monkeypatch):
           "--model.init_args.sliding_window=[16,32]", "--model.init_args.sliding_stride=[8,16]"])
     (table,) = tmp_path.glob("runs/deft/version_0/test/test_iou.md")
     assert "fog" in table.read_text()
+
+
+@pytest.mark.parametrize("window, stride, match", [((8, 8), (16, 16), "larger than the window"),
+                                                   ((0, 8), None, "positive")])
+def test_bad_window_options_are_refused_when_the_task_is_built(window, stride, match):
+    """Not at the first validation (after training, when the sanity check is off)."""
+    with pytest.raises(ValueError, match=match):
+        JointFinetune(**TINY_NET, sliding_window=window, sliding_stride=stride)

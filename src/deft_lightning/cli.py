@@ -264,9 +264,13 @@ class DeftLightningCLI(LightningCLI):
         return trainer
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        # predict: the writer saves each batch; Lightning's default would also keep every image
+        # and map in memory until the end (--return_predictions true still asks for that).
+        if subcommand == "predict" and kwargs.get("return_predictions") is None:
+            kwargs["return_predictions"] = False
         # The task prints one table per stage, domains as columns (Lightning's own repeats every
         # metric under every dataloader's column).
-        kwargs = super()._prepare_subcommand_kwargs(subcommand)
         return {**kwargs, "verbose": False} if subcommand in ("validate", "test") else kwargs
 
     @staticmethod

@@ -64,8 +64,9 @@ def _drop_unused_encoder_stages(encoder: nn.Module) -> None:
         return
     was_training = encoder.training
     encoder.eval()
-    features = encoder(torch.zeros(1, 3, 64, 64))
-    sum(f.float().sum() for f in features[1:]).backward()
+    with torch.enable_grad():  # also when the net is built inside torch.no_grad()
+        features = encoder(torch.zeros(1, 3, 64, 64))
+        sum(f.float().sum() for f in features[1:]).backward()
     for name, child in list(encoder.named_children()):
         params = list(child.parameters())
         if params and all(p.grad is None for p in params):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from .data.labels import CLASSES
+from .data.labels import class_names
 from .metrics import iou_per_class
 from .plots import confusion_figure, save
 
@@ -27,7 +27,7 @@ def write_test_results(folder: str | Path, confusions: dict[str, Tensor], source
     """Write ``test_results.json`` and one confusion-matrix PNG per domain into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    classes = list(CLASSES[: len(next(iter(confusions.values())))])
+    classes = class_names(len(next(iter(confusions.values()))))
     domains = {}
     for domain, confusion in confusions.items():
         iou = iou_per_class(confusion)

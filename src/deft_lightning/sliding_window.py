@@ -25,14 +25,20 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     return sorted({min(i * stride, size - window) for i in range(count)})
 
 
-def sliding_window_logits(net: Callable[[Tensor], Tensor], images: Tensor, window: tuple[int, int],
-                          stride: tuple[int, int]) -> Tensor:
-    """(N, C, H, W) logits of ``net`` over ``images`` (N, 3, H, W), window by window."""
+def check_windows(window: tuple[int, int], stride: tuple[int, int]) -> None:
+    """Raise ``ValueError`` unless both are positive (height, width) and the stride fits the window."""
     (window_h, window_w), (stride_h, stride_w) = window, stride
     if min(window_h, window_w, stride_h, stride_w) <= 0:
         raise ValueError(f"window and stride must be positive, got window={window}, stride={stride}")
     if stride_h > window_h or stride_w > window_w:
         raise ValueError(f"stride {stride} larger than the window {window} would leave pixels uncovered")
+
+
+def sliding_window_logits(net: Callable[[Tensor], Tensor], images: Tensor, window: tuple[int, int],
+                          stride: tuple[int, int]) -> Tensor:
+    """(N, C, H, W) logits of ``net`` over ``images`` (N, 3, H, W), window by window."""
+    check_windows(window, stride)
+    (window_h, window_w), (stride_h, stride_w) = window, stride
     height, width = images.shape[-2:]
     logits: Tensor | None = None
     count = torch.zeros((1, 1, height, width), device=images.device, dtype=torch.float32)

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-from ..data.labels import CLASSES, colorize
+from ..data.labels import class_names, colorize
 
 
 def overlay_strip(image: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor) -> np.ndarray:
@@ -46,12 +46,15 @@ class LogPredictions(Callback):
     @torch.no_grad()
     def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        if batch_idx != 0 or trainer.sanity_checking or not self._trackers(trainer):
+        if trainer.sanity_checking or not self._trackers(trainer):
             return
-        images = batch["image"][: self.images_per_domain]
+        strips = self._strips.setdefault(pl_module.metrics.domains[dataloader_idx], [])
+        missing = self.images_per_domain - len(strips)  # the first images, over as many batches as they take
+        if missing <= 0:
+            return
+        images = batch["image"][:missing]
         preds = pl_module(images).argmax(1)
-        self._strips[pl_module.metrics.domains[dataloader_idx]] = [
-            overlay_strip(i, m, p) for i, m, p in zip(images, batch["mask"], preds)]
+        strips += [overlay_strip(i, m, p) for i, m, p in zip(images, batch["mask"], preds)]
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         strips, self._strips = getattr(self, "_strips", {}), {}
@@ -67,8 +70,10 @@ class LogPredictions(Callback):
                     for domain, images in strips.items()}, step=step)
             else:
                 for domain, images in strips.items():
-                    tracker.experiment.add_image(f"val/predictions/{domain}", np.concatenate(images, axis=0),
-                                                 step, dataformats="HWC")
+                    width = max(image.shape[1] for image in images)  # batches of a domain may differ in size
+                    column = np.concatenate([np.pad(image, ((0, 0), (0, width - image.shape[1]), (0, 0)))
+                                             for image in images])
+                    tracker.experiment.add_image(f"val/predictions/{domain}", column, step, dataformats="HWC")
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         trackers = self._trackers(trainer)
@@ -81,7 +86,7 @@ class LogPredictions(Callback):
         source = getattr(pl_module, "source_val_domain", None)
         columns = ["class", *(f"{d} (source)" if d == source else d for d in domains)]
         rows = []
-        for index, name in enumerate(CLASSES[: len(ious[domains[0]])]):
+        for index, name in enumerate(class_names(len(ious[domains[0]]))):
             values = [float(ious[d][index]) for d in domains]
             if not all(math.isnan(v) for v in values):
                 rows.append([name, *(None if math.isnan(v) else round(100 * v, 2) for v in values)])

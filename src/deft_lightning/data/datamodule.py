@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.fabric.utilities.seed import pl_worker_init_function
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .class_uniform import ClassUniformDataset, class_image_index
 from .datasets import DATASETS, build_dataset
@@ -85,6 +85,17 @@ def as_spec(entry: DatasetSpec | dict[str, Any], where: str = "dataset entry") -
     if "name" not in entry:
         raise ValueError(f"{where}: a dataset entry needs `name`, got {entry}")
     return DatasetSpec(**{key: value for key, value in entry.items() if value is not None or key == "root"})
+
+
+def eval_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """``default_collate``, refusing images of different sizes in one batch with a message
+    (evaluation and predict run every image at its own size)."""
+    sizes = sorted({tuple(sample["image"].shape[-2:]) for sample in samples})
+    if len(sizes) > 1:
+        raise ValueError(f"domain {samples[0]['domain']!r}: images of sizes {sizes} (height, width) in one "
+                         "evaluation batch: set data.eval_batch_size=1, or give the dataset one size "
+                         "(e.g. Mapillary's `size` option)")
+    return default_collate(samples)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -341,7 +352,7 @@ class DGSegDataModule(LightningDataModule):
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
                                                    rank=trainer.global_rank, shuffle=False)
         return DataLoader(dataset, batch_size=batch_size or hp.eval_batch_size, sampler=sampler, shuffle=False,
-                          num_workers=hp.num_workers)
+                          num_workers=hp.num_workers, collate_fn=eval_collate)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._eval_loader(self.eval_sets[domain]) for domain in self.eval_domains]

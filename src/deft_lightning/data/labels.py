@@ -16,6 +16,13 @@ CLASSES: tuple[str, ...] = (
     "truck", "bus", "train", "motorcycle", "bicycle",
 )
 
+
+def class_names(count: int) -> list[str]:
+    """Names of a net's ``count`` output classes: :data:`CLASSES`, then ``"class <i>"`` for the
+    outputs beyond them (a net built with ``num_classes`` > 19)."""
+    return [*CLASSES[:count], *(f"class {index}" for index in range(len(CLASSES), count))]
+
+
 PALETTE = np.array(
     [
         (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),

@@ -32,11 +32,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from ..callbacks.ema import EMAPair
-from ..data.labels import CLASSES, IGNORE_INDEX, NUM_CLASSES
+from ..data.labels import IGNORE_INDEX, NUM_CLASSES, class_names
 from ..data.transforms import lab_style_augmentation
 from ..metrics import DomainIoU
 from ..net import SegmentationNet
-from ..sliding_window import sliding_window_logits
+from ..sliding_window import check_windows, sliding_window_logits
 from ..results import write_test_results
 from ..speedups import RegionsCompiler, images_channels_last, to_channels_last, use_channels_last
 
@@ -97,6 +97,8 @@ class SegmentationTask(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if sliding_window is not None:  # refused now, not at the first validation
+            check_windows(*self.sliding_windows())
         self.configure_models()
         self.configure_losses()
         self.metrics: DomainIoU | None = None
@@ -183,12 +185,15 @@ class SegmentationTask(LightningModule):
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits of the inference net: whole-image, or sliding-window when ``sliding_window`` is set."""
-        window = self.hparams.get("sliding_window")
-        if window is None:
+        if self.hparams.get("sliding_window") is None:
             return self.inference_net()(images)
-        window = tuple(window)
+        return sliding_window_logits(self.inference_net(), images, *self.sliding_windows())
+
+    def sliding_windows(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(window, stride) of sliding-window inference, the stride defaulting to two thirds of the window."""
+        window = tuple(self.hparams.sliding_window)
         stride = self.hparams.get("sliding_stride") or tuple(max(1, 2 * side // 3) for side in window)
-        return sliding_window_logits(self.inference_net(), images, window, tuple(stride))
+        return window, tuple(stride)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # `deft-lightning export` rebuilds the task from its class and hyperparameters.
@@ -304,7 +309,7 @@ def format_iou_table(ious: dict[str, Tensor], source_domain: str | None = None) 
     def cell(value: float) -> str:
         return "-" if math.isnan(value) else f"{100 * value:.1f}"
 
-    for index, name in enumerate(CLASSES[: len(next(iter(ious.values())))]):
+    for index, name in enumerate(class_names(len(next(iter(ious.values()))))):
         values = [float(ious[d][index]) for d in domains]
         if all(math.isnan(v) for v in values):
             continue
