@@ -113,3 +113,15 @@ def test_daft_init_checkpoint_of_another_net_is_named(tmp_path):
     assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
     assert f"init_checkpoint {other} holds a Unet/resnet18/19 net" in errors[0]
     assert "this run builds Unet/mobilenet_v2/19" in errors[0] and "Traceback" not in result.stderr
+
+
+def test_a_config_that_is_not_yaml_is_named_with_its_line(tmp_path):
+    """jsonargparse reports a YAML syntax error in "<unicode string>": with several --config
+    files the user could not tell which one is broken."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  init_args:\n    lr: [0.01\n")
+    result = deft_lightning("fit", "--config", str(ROOT / "configs/joint.yaml"), "--config", str(broken), cwd=tmp_path)
+    errors = _error_lines(result)
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert f"--config {broken}: not valid YAML at line 4, column 1" in errors[0], errors
+    assert "Traceback" not in result.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["broken.yaml"]

@@ -39,6 +39,7 @@ from .data.datamodule import DGSegDataModule
 from .precision import precision_for_hardware
 from .safe_load import CheckpointError, load_checkpoint
 from .tasks.base import SegmentationTask
+from .yaml_files import config_files, load_yaml
 
 #: Verbs the library adds beside Lightning's: name -> "module:function". Each function takes
 #: the remaining command-line arguments and runs a keyword-only function through jsonargparse,
@@ -158,6 +159,13 @@ class DeftLightningCLI(LightningCLI):
                                  "bf16 (AMX/AVX512-BF16 CPU, bf16 GPU), else 32-true")
 
     def parse_arguments(self, parser, args) -> None:
+        words = sys.argv[1:] if args is None else args
+        for path in config_files(words) if isinstance(words, list) else []:
+            if path.is_file():  # jsonargparse's own message names no file ("<unicode string>")
+                try:
+                    load_yaml(path)
+                except ValueError as error:
+                    parser.error(f"--config {error}")
         super().parse_arguments(parser, args)
         # What the command line and --config files give, without defaults: these values win
         # over a checkpoint's saved hyperparameters.

@@ -61,6 +61,8 @@ from typing import Any
 import yaml
 from jsonargparse import auto_cli
 
+from .yaml_files import config_files, load_yaml
+
 #: wandb's command when the file has none (wandb_agent.Agent.DEFAULT_SWEEP_COMMAND).
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
 #: Distributions usable in a grid (wandb turns the two ranges into value lists).
@@ -82,11 +84,9 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise SweepError(f"sweep file {path} does not exist")
     try:
-        sweep = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SweepError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', None) or error}") from None
+        sweep = load_yaml(path)
+    except ValueError as error:
+        raise SweepError(str(error)) from None
     if not isinstance(sweep, dict):
         raise SweepError(f"{path}: expected a mapping with 'method' and 'parameters'")
     method = sweep.get("method")
@@ -333,16 +333,11 @@ class Point:
         return self.folder / "point.json"
 
 
-def _config_files(command: list[str]) -> list[Path]:
-    files = [Path(command[i + 1]) for i, part in enumerate(command[:-1]) if part in ("--config", "-c")]
-    return files + [Path(part.split("=", 1)[1]) for part in command if part.startswith("--config=")]
-
-
 def _sets_logger(command: list[str]) -> bool:
     """Whether the command's configs or arguments choose a logger class (then its save_dir moves
     into the point's folder); otherwise Lightning's default logger writes under default_root_dir."""
     chosen = False
-    for path in _config_files(command):
+    for path in config_files(command):
         config = yaml.safe_load(path.read_text()) if path.is_file() else None
         logger = ((config or {}).get("trainer") or {}).get("logger", "unset") if isinstance(config, dict) else "unset"
         if logger != "unset":
