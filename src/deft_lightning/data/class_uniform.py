@@ -13,13 +13,13 @@ once from the masks (:func:`class_image_index`) and can be cached in a JSON file
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..atomic_io import atomic_write_bytes
 from .labels import NUM_CLASSES
 
 
@@ -72,12 +72,9 @@ def class_image_index(
     loader = DataLoader(_PresentClasses(dataset, num_classes), batch_size=64, num_workers=num_workers)
     present = torch.cat(list(loader)) if len(dataset) else torch.zeros(0, num_classes, dtype=torch.bool)
     class_images = [torch.nonzero(present[:, c]).flatten().tolist() for c in range(num_classes)]
-    if cache_file is not None:
-        path = Path(cache_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps({"images": identity, "class_images": class_images}))
-        os.replace(partial, path)
+    if cache_file is not None:  # every DDP rank writes it: each through its own temporary
+        text = json.dumps({"images": identity, "class_images": class_images})
+        atomic_write_bytes(cache_file, lambda file: file.write(text.encode()))
     return class_images
 
 
