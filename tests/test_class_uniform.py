@@ -3,6 +3,7 @@
 import multiprocessing
 import os
 from collections import Counter
+from types import SimpleNamespace
 
 import albumentations as A
 import numpy as np
@@ -139,3 +140,15 @@ def test_ranks_building_the_class_index_cache_at_once_do_not_collide(tmp_path):
     assert errors.empty(), errors.get()
     assert class_image_index(SyntheticDomainDataset("clear", 3, size=(32, 64)), cache_file=cache)
     assert [p.name for p in tmp_path.iterdir()] == ["index.json"]
+
+
+def test_only_ddp_rank_0_writes_the_class_index_cache(tmp_path):
+    """Every rank scans the masks when there is no cache yet; only rank 0 writes it (a writer on
+    another node could take the others' temporaries for a dead process's and delete them)."""
+    cache = tmp_path / "index.json"
+    for rank in (1, 0):
+        datamodule = DGSegDataModule(synthetic_train_size=4, synthetic_image_size=(32, 64), crop_size=(32, 64),
+                                     class_uniform_pct=0.5, class_index_cache=str(cache))
+        datamodule.trainer = SimpleNamespace(global_rank=rank)
+        datamodule.setup("fit")
+        assert cache.exists() == (rank == 0)
