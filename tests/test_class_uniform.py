@@ -1,6 +1,9 @@
 """Class-uniform sampling: the class-centred crop, the class index, and the draws."""
 
+import multiprocessing
+import os
 from collections import Counter
+from types import SimpleNamespace
 
 import albumentations as A
 import numpy as np
@@ -105,3 +108,47 @@ def test_datamodule_wraps_the_training_set_and_rejects_bad_settings():
         DGSegDataModule(class_uniform_pct=1.5)
     with pytest.raises(ValueError, match="augment=True"):
         DGSegDataModule(class_uniform_pct=0.5, augment=False)
+
+
+def _build_index_in_step(cache, barrier, errors) -> None:
+    """One "DDP rank" building the cached index: every rank writes its file, then all rename."""
+    real_replace = os.replace
+
+    def replace_after_everyone_wrote(source, target):
+        barrier.wait(timeout=60)
+        real_replace(source, target)
+
+    os.replace = replace_after_everyone_wrote
+    try:
+        class_image_index(SyntheticDomainDataset("clear", 3, size=(32, 64)), cache_file=cache)
+    except Exception as error:  # noqa: BLE001 - reported to the parent
+        errors.put(repr(error))
+
+
+def test_ranks_building_the_class_index_cache_at_once_do_not_collide(tmp_path):
+    """Every DDP rank runs the datamodule's setup and scans the masks at the same time: the
+    ranks' writes of the cache file must not share one temporary (a rank then found it renamed
+    away by another: FileNotFoundError)."""
+    context = multiprocessing.get_context("fork")
+    barrier, errors, cache = context.Barrier(2), context.Queue(), tmp_path / "index.json"
+    ranks = [context.Process(target=_build_index_in_step, args=(cache, barrier, errors)) for _ in range(2)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join(timeout=120)
+    assert [rank.exitcode for rank in ranks] == [0, 0]
+    assert errors.empty(), errors.get()
+    assert class_image_index(SyntheticDomainDataset("clear", 3, size=(32, 64)), cache_file=cache)
+    assert [p.name for p in tmp_path.iterdir()] == ["index.json"]
+
+
+def test_only_ddp_rank_0_writes_the_class_index_cache(tmp_path):
+    """Every rank scans the masks when there is no cache yet; only rank 0 writes it (a writer on
+    another node could take the others' temporaries for a dead process's and delete them)."""
+    cache = tmp_path / "index.json"
+    for rank in (1, 0):
+        datamodule = DGSegDataModule(synthetic_train_size=4, synthetic_image_size=(32, 64), crop_size=(32, 64),
+                                     class_uniform_pct=0.5, class_index_cache=str(cache))
+        datamodule.trainer = SimpleNamespace(global_rank=rank)
+        datamodule.setup("fit")
+        assert cache.exists() == (rank == 0)

@@ -6,7 +6,7 @@ import torch
 
 from conftest import TINY_DATA
 from deft_lightning import DGSegDataModule
-from deft_lightning.data.resumable import (ResumableSampler, SampleKey, SeededSamples, _seed_transform,
+from deft_lightning.data.resumable import (ResumableDataLoader, ResumableSampler, SampleKey, SeededSamples, _seed_transform,
                                            global_rng_state, set_global_rng_state)
 
 
@@ -96,3 +96,23 @@ def test_a_ddp_rank_resumes_the_cuda_generator_of_its_own_device(monkeypatch):
         assert torch.equal(one_gpu.states[0], advanced)
     finally:
         torch.set_rng_state(cpu)
+
+
+def test_a_resume_on_another_number_of_processes_skips_the_samples_every_rank_saw():
+    """The ranks train on disjoint shards of one order: resumed on another world size, the
+    epoch continues after the samples all ranks had seen, none skipped unseen."""
+    order = [key.index for key in ResumableSampler(range(48), seed=5)]
+    loaders = [ResumableDataLoader(range(48), batch_size=2, sampler=ResumableSampler(range(48), 2, r, seed=5))
+               for r in range(2)]
+    for loader in loaders:
+        batches = iter(loader)
+        for _ in range(3):  # 3 batches of 2 on each of 2 ranks: the first 12 samples of the order
+            next(batches)
+    state = loaders[0].state_dict()
+    for world in (1, 3, 4):
+        seen = []
+        for rank in range(world):
+            resumed = ResumableDataLoader(range(48), batch_size=2, sampler=ResumableSampler(range(48), world, rank, seed=5))
+            resumed.load_state_dict(state)
+            seen += [int(i) for batch in resumed for i in batch]
+        assert sorted(seen) == sorted(order[12:]), world

@@ -99,3 +99,25 @@ def test_lp_rerun_then_lpft_starts_from_the_new_lp_checkpoint(tmp_path, monkeypa
     head = next(key for key in lpft if "segmentation_head" in key or "head" in key)
     assert all(torch.equal(lpft[key], new[key]) for key in lpft)
     assert not torch.equal(lpft[head], old[head])
+
+
+@pytest.mark.parametrize("variable", ["LOCAL_RANK", "NODE_RANK"])
+def test_a_fit_on_a_ddp_rank_other_than_0_opens_no_run_folder(tmp_path, monkeypatch, variable):
+    """Every DDP rank runs the CLI (Lightning's launcher re-runs the command; torchrun/srun start
+    it on every node): rank 0 opens the run folder, the others must not open a ``version_<N>``
+    of their own (left empty, it became the "newest run" that ``--ckpt_path last`` looked in)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from deft_lightning.cli import DeftLightningCLI, lightning_cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(DeftLightningCLI, "_run_subcommand", lambda self, subcommand: None)
+    fit = ["fit", "--config", str(ROOT / "configs/joint.yaml"), *TINY_ARGS]
+    lightning_cli(fit)
+    assert [p.name for p in (tmp_path / "runs/joint").iterdir()] == ["version_0"]
+    if variable == "LOCAL_RANK":  # what Lightning reads from LOCAL_RANK, RANK or SLURM_PROCID
+        monkeypatch.setattr(rank_zero_only, "rank", 1)
+    else:  # node 1's first process under Lightning's own launcher
+        monkeypatch.setenv("NODE_RANK", "1")
+    lightning_cli(fit)
+    assert [p.name for p in (tmp_path / "runs/joint").iterdir()] == ["version_0"]

@@ -236,7 +236,8 @@ class DeftLightningCLI(LightningCLI):
             run_dir = run_folder.resolve_run_dir(
                 "validate" if ckpt_path in RUN_CHECKPOINTS else stage,  # last|best: the newest run
                 run.root, run.name or run_folder.config_name(config.get("config")), run.version,
-                None if ckpt_path in RUN_CHECKPOINTS else ckpt_path, create=subcommand is not None)
+                None if ckpt_path in RUN_CHECKPOINTS else ckpt_path,
+                create=subcommand is not None and _launched_as_global_zero())
             predictions = run_dir / "predict" / "predictions"
             trainer.default_root_dir = str(run_dir / stage)
             trainer.logger = self._loggers_under(trainer.logger, run_dir, stage)
@@ -313,6 +314,13 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> LightningC
         args=args,
         run=run,
     )
+
+
+def _launched_as_global_zero() -> bool:
+    """Whether this process is DDP's global rank 0 as its launcher says (``RANK``, ``LOCAL_RANK``,
+    ``SLURM_PROCID`` as Lightning reads them, ``NODE_RANK``): every rank runs the CLI, and only
+    rank 0 may open a new run folder (the others would each leave an empty ``version_<N>``)."""
+    return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
 
 
 @rank_zero_only

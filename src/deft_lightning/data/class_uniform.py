@@ -13,13 +13,13 @@ once from the masks (:func:`class_image_index`) and can be cached in a JSON file
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..atomic_io import atomic_write_bytes
 from .labels import NUM_CLASSES
 
 
@@ -56,11 +56,13 @@ def class_image_index(
     num_classes: int = NUM_CLASSES,
     cache_file: str | Path | None = None,
     num_workers: int = 0,
+    write_cache: bool = True,
 ) -> list[list[int]]:
     """For each train id ``c``, the indices of the images whose mask contains ``c``.
 
     ``dataset`` needs ``load_mask(index)``. With ``cache_file`` the index is read from that JSON
-    file if it was built from the same images, else built and written there (atomically).
+    file if it was built from the same images, else built and, with ``write_cache`` (DDP: rank 0
+    only), written there (atomically, through a temporary of this process).
     """
     identity = dataset_identity(dataset) if cache_file is not None else None
     if cache_file is not None and Path(cache_file).exists():
@@ -72,12 +74,9 @@ def class_image_index(
     loader = DataLoader(_PresentClasses(dataset, num_classes), batch_size=64, num_workers=num_workers)
     present = torch.cat(list(loader)) if len(dataset) else torch.zeros(0, num_classes, dtype=torch.bool)
     class_images = [torch.nonzero(present[:, c]).flatten().tolist() for c in range(num_classes)]
-    if cache_file is not None:
-        path = Path(cache_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps({"images": identity, "class_images": class_images}))
-        os.replace(partial, path)
+    if cache_file is not None and write_cache:
+        text = json.dumps({"images": identity, "class_images": class_images})
+        atomic_write_bytes(cache_file, lambda file: file.write(text.encode()))
     return class_images
 
 

@@ -315,8 +315,8 @@ class DGSegDataModule(LightningDataModule):
         if stage == "fit" and self.train_set is None:
             train_set = self._from_spec(self.source_spec, self._train_transform())
             if hp.class_uniform_pct > 0:
-                class_images = class_image_index(train_set, cache_file=hp.class_index_cache,
-                                                 num_workers=hp.num_workers)
+                class_images = class_image_index(train_set, cache_file=hp.class_index_cache, num_workers=hp.num_workers,
+                                                 write_cache=self.trainer is None or self.trainer.global_rank == 0)
                 train_set = ClassUniformDataset(train_set, class_images, hp.class_uniform_pct,
                                                 seed=self._augmentation_seed())
             self.train_set = train_set

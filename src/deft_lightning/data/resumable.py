@@ -150,11 +150,15 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.sampler.epoch, "batches": self.batches_done, "rng": global_rng_state()}
+        return {"epoch": self.sampler.epoch, "batches": self.batches_done, "replicas": self.sampler.num_replicas,
+                "rng": global_rng_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        epoch, batches = state["epoch"], state["batches"]
-        if batches >= len(self):  # saved at the end of the epoch: the next one starts afresh
-            epoch, batches = epoch + 1, 0
-        self.sampler.start_at(epoch, batches * self.batch_size)
+        epoch, replicas = state["epoch"], state.get("replicas", self.sampler.num_replicas)
+        # The ranks saw the first batches·batch_size·replicas samples of the epoch's order between
+        # them: resumed on another number of processes, each skips its share of those.
+        samples = state["batches"] * self.batch_size * replicas // self.sampler.num_replicas
+        if samples // self.batch_size >= len(self):  # saved at the end of the epoch: the next one starts afresh
+            epoch, samples = epoch + 1, 0
+        self.sampler.start_at(epoch, samples)
         set_global_rng_state(state["rng"])
