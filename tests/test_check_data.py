@@ -73,3 +73,14 @@ def test_every_kind_of_bad_file_is_named_in_one_pass(data_root, capsys):
     for kind, path in bad.items():
         assert any(str(path) in line for line in problems), (kind, err)
     assert any("truncated" in line and str(bad["truncated JPEG"]) in line for line in problems)
+
+
+def test_a_config_that_is_not_yaml_is_named_with_its_line(tmp_path):
+    from test_cli import deft_lightning
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data:\n  init_args:\n    targets: [{name: cityscapes\n")
+    result = deft_lightning("check-data", "--config", str(broken), cwd=tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+    assert f"{broken}: not valid YAML at line 4, column 1" in errors[0] and "Traceback" not in result.stderr

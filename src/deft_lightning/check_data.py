@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from jsonargparse import ArgumentParser
 from torch.utils.data import Dataset
 from tqdm import tqdm
@@ -28,6 +27,7 @@ from tqdm import tqdm
 from .data.datamodule import DGSegDataModule
 from .data.datasets import SegmentationDataset, collect_missing_labels
 from .data.labels import CLASSES, IGNORE_INDEX, NUM_CLASSES
+from .yaml_files import load_yaml
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -45,7 +45,7 @@ def datamodule_from_configs(configs: list[str], data_root: str | None = None) ->
         path = Path(config)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = load_yaml(path) or {}
         data = _merge(data, loaded.get("data") or {})
     class_path = data.get("class_path", "deft_lightning.DGSegDataModule")
     if class_path.rsplit(".", 1)[-1] != "DGSegDataModule":

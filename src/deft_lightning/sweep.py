@@ -58,7 +58,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from jsonargparse import auto_cli
 
 from .yaml_files import config_files, load_yaml
@@ -338,7 +337,7 @@ def _sets_logger(command: list[str]) -> bool:
     into the point's folder); otherwise Lightning's default logger writes under default_root_dir."""
     chosen = False
     for path in config_files(command):
-        config = yaml.safe_load(path.read_text()) if path.is_file() else None
+        config = load_yaml(path) if path.is_file() else None
         logger = ((config or {}).get("trainer") or {}).get("logger", "unset") if isinstance(config, dict) else "unset"
         if logger != "unset":
             chosen = isinstance(logger, dict) and "class_path" in logger
