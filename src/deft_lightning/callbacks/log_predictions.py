@@ -57,7 +57,7 @@ class LogPredictions(Callback):
         strips += [overlay_strip(i, m, p) for i, m, p in zip(images, batch["mask"], preds)]
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        strips, self._strips = getattr(self, "_strips", {}), {}
+        strips, self._strips = self._strips, {}
         if not strips:
             return
         step = trainer.global_step
